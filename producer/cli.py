@@ -1,0 +1,357 @@
+"""``actionfleet``: the command line. Run ``actionfleet --help``.
+
+Exit codes: 0 success; 1 an action ended with another status, or a command failed;
+2 invalid input (nothing was sent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from producer.config import get_settings
+from producer.errors import ActionFleetError, FleetUnavailable, InvalidAction, ResultTimeout
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def _eprint(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+def _local_result(
+    raw: Any, status: str, error_type: str, message: str, **details: Any
+) -> dict[str, Any]:
+    """A result made on this side (invalid input, gave up waiting): same shape as a worker's."""
+    action_id = raw.get("action_id") if isinstance(raw, dict) else None
+    primitive = raw.get("primitive") if isinstance(raw, dict) else None
+    return {
+        "action_id": action_id if isinstance(action_id, str) else None,
+        "primitive": primitive if isinstance(primitive, str) else None,
+        "status": status,
+        "output": None,
+        "error": {
+            "type": error_type,
+            "message": message,
+            "retryable": error_type != "validation_error",
+            "details": details,
+        },
+        "attempt": 0,
+        "started_at": None,
+        "finished_at": None,
+        "duration_ms": 0,
+        "worker": None,
+    }
+
+
+def _invalid_result(exc: InvalidAction, raw: Any) -> dict[str, Any]:
+    return _local_result(raw, "invalid", "validation_error", str(exc), errors=exc.errors)
+
+
+def _read_action_arg(arg: str) -> str:
+    if arg == "-":
+        return sys.stdin.read()
+    if arg.startswith("@"):
+        return Path(arg[1:]).read_text()
+    return arg
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from producer.models import action_json_schema
+
+    print(json.dumps(action_json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from producer.client import ActionClient
+
+    text = _read_action_arg(args.action)
+    try:
+        raw: Any = json.loads(text)
+    except ValueError:
+        raw = text
+    try:
+        client = ActionClient()
+    except FleetUnavailable as exc:
+        _eprint(f"error: {exc}")
+        return EXIT_FAILED
+    with client:
+        try:
+            action = client.validate(raw)
+        except InvalidAction as exc:
+            print(_dump(_invalid_result(exc, raw)))
+            for e in exc.errors:
+                _eprint(f"invalid: {e['field']}: {e['reason']} -> {e['fix']}")
+            return EXIT_INVALID
+        try:
+            result = client.submit(action).result(timeout=args.timeout)
+        except ResultTimeout as exc:
+            _eprint(f"error: {exc}")
+            return EXIT_FAILED
+    print(result.model_dump_json(indent=2 if args.pretty else None))
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+class Progress:
+    """A one-line progress bar on stderr (plain periodic lines when not a terminal)."""
+
+    def __init__(self, total: int, stream: Any = sys.stderr) -> None:
+        self.total, self.done, self.stream = total, 0, stream
+        self.counts: Counter[str] = Counter()
+        self.start = time.monotonic()
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._last = 0.0
+
+    def update(self, status: str) -> None:
+        self.done += 1
+        self.counts[status] += 1
+        now = time.monotonic()
+        if self.done == self.total or now - self._last > (0.1 if self.tty else 2.0):
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        width = 30
+        filled = int(width * self.done / max(1, self.total))
+        rate = self.done / max(1e-6, now - self.start)
+        counts = " ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+        line += f"{rate:.1f}/s {counts}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if self.done == self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from producer.client import ActionClient
+
+    lines = [ln for ln in Path(args.input).read_text().splitlines() if ln.strip()]
+    try:
+        client = ActionClient()
+    except FleetUnavailable as exc:
+        _eprint(f"error: {exc}")
+        return EXIT_FAILED
+    slots: list[Any] = []  # per input line: a handle, or a ready result dict
+    with client:
+        for number, line in enumerate(lines, 1):
+            try:
+                raw: Any = json.loads(line)
+            except ValueError:
+                raw = line
+            try:
+                slots.append(client.submit(raw))
+            except InvalidAction as exc:
+                _eprint(f"line {number}: {exc}")
+                slots.append(_invalid_result(exc, raw))
+        progress = Progress(len(slots))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as fh:
+            for slot in slots:
+                if isinstance(slot, dict):
+                    result = slot
+                else:
+                    try:
+                        result = slot.result(timeout=args.timeout).model_dump(mode="json")
+                    except ResultTimeout as exc:  # the action may still run; say so
+                        ident = {"action_id": slot.action_id, "primitive": slot.primitive}
+                        result = _local_result(ident, "failed", "timeout", str(exc))
+                fh.write(_dump(result) + "\n")
+                progress.update(result["status"])
+    elapsed = time.monotonic() - progress.start
+    summary = {"total": len(slots), "elapsed_s": round(elapsed, 2), **dict(progress.counts)}
+    _eprint("summary: " + _dump(summary))
+    return EXIT_OK if progress.counts.get("succeeded", 0) == len(slots) else EXIT_FAILED
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from workers.executors import EXECUTOR_FACTORIES
+    from workers.fleet import Fleet
+
+    settings = get_settings()
+    primitives = list(EXECUTOR_FACTORIES)
+    if "code" in primitives and not args.no_image:
+        from sandboxes.image import ensure_image
+
+        try:
+            tag = ensure_image(progress=lambda m: _eprint(f"sandbox image: {m}"))
+        except ActionFleetError as exc:
+            _eprint(f"error: {exc}")
+            return EXIT_FAILED
+        _eprint(f"sandbox image: {tag}")
+    fleet = Fleet(settings, primitives, concurrency=args.concurrency, say=_eprint)
+    try:
+        fleet.run_forever()
+    except FleetUnavailable as exc:
+        _eprint(f"error: {exc}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from workers.fleet import fleet_status
+
+    try:
+        status = fleet_status(get_settings())
+    except FleetUnavailable as exc:
+        print(_dump({"broker": "down", "error": str(exc)}))
+        return EXIT_FAILED
+    print(json.dumps(status, indent=2, default=str))
+    return EXIT_OK if status["workers"] else EXIT_FAILED
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from workers.fleet import stop_fleet
+
+    if stop_fleet(get_settings(), timeout=args.timeout):
+        _eprint("fleet stopped")
+        return EXIT_OK
+    _eprint(f"no fleet running from {get_settings().home}")
+    return EXIT_FAILED
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from producer.models import PRIMITIVES, queue_for
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = [q for q in queues if q not in PRIMITIVES]
+    if unknown:
+        _eprint(f"error: unknown primitive(s) {unknown}; choose from {', '.join(PRIMITIVES)}")
+        return EXIT_INVALID
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "worker",
+        "-Q",
+        ",".join(queue_for(q) for q in queues),
+        "--loglevel",
+        args.loglevel,
+    ]
+    if args.concurrency:
+        argv += ["--concurrency", str(args.concurrency)]
+    if args.name:
+        argv += ["-n", args.name]
+    os.execv(sys.executable, argv)
+    return EXIT_FAILED  # pragma: no cover - execv does not return
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    if args.sandbox_cmd == "build":
+        from sandboxes.image import build_image
+
+        tag = build_image(force=args.force, progress=lambda m: _eprint(f"sandbox image: {m}"))
+        print(tag)
+        return EXIT_OK
+    from sandboxes.docker import DockerSandbox
+
+    sandbox = DockerSandbox(runtime=get_settings().sandbox_runtime)
+    try:
+        removed = sandbox.reap_all() if args.all else sandbox.reap()
+    finally:
+        sandbox.close()
+    print(_dump({"removed": removed}))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from workers.demo import run_demo
+
+    return run_demo(keep=args.keep)
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="actionfleet",
+        description="ActionFleet: sandboxed, policy-checked actions for AI agents over Celery.",
+        epilog="Configuration: ACTIONFLEET_* environment variables (see README). "
+        "Exit codes: 0 ok, 1 failed, 2 invalid input.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="run a local fleet in the foreground until Ctrl-C")
+    p.add_argument("--concurrency", type=int, default=2, help="processes per worker (2)")
+    p.add_argument("--no-image", action="store_true", help="do not build the sandbox image")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("status", help="print the fleet's status as JSON; exit 0 if it answers")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("down", help="stop the fleet started by `up` in this home")
+    p.add_argument("--timeout", type=float, default=90, help="seconds to wait (90)")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser(
+        "submit",
+        help="send one action and print its result JSON",
+        description="Exit 0: succeeded; 1: any other status; 2: invalid input (nothing sent).",
+    )
+    p.add_argument("action", help="action JSON, '-' for stdin, or @FILE")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the result")
+    p.add_argument("--pretty", action="store_true", help="indent the result JSON")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("batch", help="run a JSONL file of actions; results in input order")
+    p.add_argument("input", help="JSONL file, one action per line")
+    p.add_argument("--out", required=True, help="where to write one result per line")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait per result")
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("demo", help="up, a sample batch, a summary, down")
+    p.add_argument("--keep", action="store_true", help="leave the fleet running afterwards")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the action message")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("worker", help="run a Celery worker for some primitives' queues")
+    p.add_argument("--queues", default="code", help="comma-separated primitives (code)")
+    p.add_argument("--concurrency", type=int, default=None, help="worker processes")
+    p.add_argument("--name", default=None, help="Celery node name, e.g. code1@%%h")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("sandbox", help="build the sandbox image; reap leftover containers")
+    ssub = p.add_subparsers(dest="sandbox_cmd", required=True, metavar="SUBCOMMAND")
+    b = ssub.add_parser("build", help="build the sandbox image without a registry")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    r = ssub.add_parser("reap", help="remove sandbox containers left by dead workers")
+    r.add_argument("--all", action="store_true", help="remove every ActionFleet sandbox")
+    p.set_defaults(func=cmd_sandbox)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ActionFleetError as exc:
+        _eprint(f"error: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""``ActionClient``: what an agent uses to send actions and wait for their results."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+
+from producer.config import Settings, get_settings
+from producer.errors import FleetUnavailable, InvalidAction, ResultTimeout, UnsupportedPrimitive
+from producer.models import Action, ActionResult, queue_for, task_name_for
+from producer.transport import celery_conf, redis_priority
+from producer.validation import parse_action
+
+__all__ = ["SUPPORTED_PRIMITIVES", "ActionClient", "ActionHandle"]
+
+# Primitives with an executor in this version of the fleet. Sending another one would
+# leave the action waiting on a queue nobody serves, so the client refuses it up front.
+SUPPORTED_PRIMITIVES: tuple[str, ...] = ("code",)
+
+
+class ActionHandle:
+    """A submitted action. ``result()`` waits for and returns its ``ActionResult``."""
+
+    def __init__(self, action: Action, async_result: AsyncResult) -> None:
+        self.action = action
+        self.action_id = action.action_id
+        self.primitive = action.primitive
+        self._async = async_result
+
+    def ready(self) -> bool:
+        return self._async.ready()
+
+    def result(self, timeout: float | None = None) -> ActionResult:
+        """Wait up to ``timeout`` seconds (None: forever). Raises ``ResultTimeout``."""
+        try:
+            value = self._async.get(timeout=timeout, propagate=False)
+        except CeleryTimeout:
+            raise ResultTimeout(
+                f"no result for action {self.action_id} after {timeout}s; it may still run"
+            ) from None
+        if isinstance(value, dict) and "status" in value:
+            return ActionResult.model_validate(value)
+        # The task itself crashed (it never should: the pipeline catches everything).
+        return ActionResult(
+            action_id=self.action_id,
+            primitive=self.primitive,
+            status="failed",
+            error={
+                "type": "internal_error",
+                "message": f"worker task ended in state {self._async.state}: {value!r}"[:500],
+                "retryable": True,
+                "details": {},
+            },
+        )
+
+    def __repr__(self) -> str:
+        return f"<ActionHandle {self.primitive} {self.action_id}>"
+
+
+class ActionClient:
+    """Send actions to the fleet's per-primitive queues and collect their results.
+
+    Validation happens before anything is sent: an invalid action raises
+    ``InvalidAction`` (with field-level errors) and nothing reaches the broker.
+    """
+
+    def __init__(
+        self,
+        broker_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        primitives: Sequence[str] = SUPPORTED_PRIMITIVES,
+    ) -> None:
+        self.settings = settings or get_settings()
+        url = broker_url or self.settings.resolved_broker_url()
+        if not url:
+            raise FleetUnavailable(
+                "no broker configured: set ACTIONFLEET_BROKER_URL or start a fleet with "
+                f"`actionfleet up` (looked for {self.settings.fleet_file()})"
+            )
+        self.broker_url = url
+        self.primitives = tuple(primitives)
+        self._app = Celery("actionfleet-client", set_as_current=False)
+        self._app.conf.update(celery_conf(self.settings, url))
+
+    # -- validation -------------------------------------------------------------------
+
+    def validate(self, action: Any) -> Action:
+        parsed = parse_action(action)
+        if parsed.primitive not in self.primitives:
+            raise UnsupportedPrimitive(parsed.primitive, list(self.primitives))
+        return parsed
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _send(self, action: Action) -> ActionHandle:
+        try:
+            async_result = self._app.send_task(
+                task_name_for(action.primitive),
+                kwargs={"message": action.model_dump(mode="json", by_alias=True)},
+                queue=queue_for(action.primitive),
+                task_id=action.action_id,
+                priority=redis_priority(action.priority),
+            )
+        except OperationalError as exc:
+            raise FleetUnavailable(f"broker at {self._safe_url()} does not answer: {exc}") from exc
+        return ActionHandle(action, async_result)
+
+    def submit(self, action: Any) -> ActionHandle:
+        """Validate and enqueue one action; returns at once with a handle."""
+        return self._send(self.validate(action))
+
+    def submit_many(self, actions: Iterable[Any]) -> list[ActionHandle]:
+        """Validate every action first, then enqueue them all; all or nothing is sent.
+
+        Raises ``InvalidAction`` with ``index`` set to the first bad action's position.
+        """
+        parsed: list[Action] = []
+        for index, action in enumerate(actions):
+            try:
+                parsed.append(self.validate(action))
+            except InvalidAction as exc:
+                raise InvalidAction(exc.errors, index=index) from None
+        with self._app.producer_or_acquire():
+            return [self._send(a) for a in parsed]
+
+    def run(self, action: Any, timeout: float | None = None) -> ActionResult:
+        """Submit and wait for the result."""
+        return self.submit(action).result(timeout=timeout)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def _safe_url(self) -> str:
+        # Never echo a password that may be embedded in the broker URL.
+        from kombu.utils.url import maybe_sanitize_url
+
+        return str(maybe_sanitize_url(self.broker_url))
+
+    def close(self) -> None:
+        self._app.close()
+
+    def __enter__(self) -> ActionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

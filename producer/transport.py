@@ -1,0 +1,47 @@
+"""Celery settings shared by the producer SDK and the workers.
+
+Both sides must agree on serialization and on how priorities map onto Redis lists, so
+they are defined once here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from producer.config import Settings
+
+__all__ = ["REDIS_PRIORITY_STEPS", "celery_conf", "redis_priority"]
+
+# Redis has no native priorities: kombu keeps one list per step and, by default, serves
+# the LOWEST number first. Our contract says 9 is most urgent, so we invert on send.
+REDIS_PRIORITY_STEPS = list(range(10))
+
+
+def redis_priority(priority: int) -> int:
+    return 9 - priority
+
+
+def celery_conf(settings: Settings, broker_url: str) -> dict[str, Any]:
+    backend = settings.result_backend or broker_url
+    return {
+        "broker_url": broker_url,
+        "result_backend": backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_expires": settings.result_expires_s,
+        "result_extended": False,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            # Unacked actions return to the queue after this; must exceed the longest
+            # action or a slow action is executed twice.
+            "visibility_timeout": settings.visibility_timeout_s,
+            "priority_steps": REDIS_PRIORITY_STEPS,
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        "task_default_queue": "actions.code",
+        "task_create_missing_queues": True,
+    }

@@ -1,0 +1,76 @@
+"""The sandbox interface: what a backend is given and what it returns.
+
+A backend runs one program in a fresh, isolated environment that no other action has
+used, enforces the limits, and always cleans up. Infrastructure failures (engine down,
+image missing, container failed to start) raise ``producer.errors.SandboxError``;
+everything the program itself does (non-zero exit, timeout, OOM) is reported in
+``RunOutcome``, not raised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Language = Literal["python", "bash"]
+Runtime = Literal["runc", "runsc"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Hard limits for one run. Already capped by policy when they reach a backend."""
+
+    timeout_s: float = 30.0
+    memory_mb: int = 256
+    cpus: float = 1.0
+    pids: int = 128
+    output_bytes: int = 1 << 20  # per stream; the rest is counted and dropped
+    tmpfs_mb: int = 64  # size of each writable tmpfs (/tmp and /work)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """One program to run."""
+
+    language: Language
+    source: str
+    stdin: bytes = b""
+    limits: Limits = field(default_factory=Limits)
+    network: bool = False  # True only where policy allows; default none
+    labels: dict[str, str] = field(default_factory=dict)  # e.g. action_id, tenant_id
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    cpu_user_s: float = 0.0
+    cpu_system_s: float = 0.0
+    max_rss_kb: int = 0
+    wall_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    exit_code: int | None  # None when the program never reported one (killed)
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool
+    stderr_truncated: bool
+    timed_out: bool
+    oom_killed: bool
+    usage: Usage
+    sandbox_id: str  # container id (short) for audit and debugging
+    runtime: Runtime
+
+
+class Sandbox(Protocol):
+    """A sandbox backend. One instance is shared by a worker process; ``run`` is thread-safe."""
+
+    runtime: Runtime
+
+    def run(self, spec: RunSpec) -> RunOutcome: ...
+
+    def reap(self) -> int:
+        """Remove leftovers (e.g. from a dead worker). Returns how many were removed."""
+        ...
+
+    def close(self) -> None: ...

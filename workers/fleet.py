@@ -1,0 +1,322 @@
+"""A local fleet: ``actionfleet up`` / ``status`` / ``down``.
+
+``up`` supervises, in the foreground: a redis-server on a free loopback port (unless a
+broker is configured) and one Celery worker per primitive queue that has an executor. A
+worker that dies is restarted. When everything answers, ``$ACTIONFLEET_HOME/fleet.json``
+records where the fleet is, so other commands find it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from producer.config import Settings
+from producer.errors import FleetUnavailable
+from producer.models import queue_for
+from producer.transport import REDIS_PRIORITY_STEPS
+
+__all__ = ["Fleet", "fleet_status", "free_port", "queue_depths", "read_fleet_file", "stop_fleet"]
+
+Say = Callable[[str], None]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_fleet_file(settings: Settings) -> dict[str, Any] | None:
+    try:
+        return json.loads(settings.fleet_file().read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def queue_depths(redis_client: Any, primitives: list[str]) -> dict[str, int]:
+    """Messages waiting per queue, summed over kombu's per-priority lists."""
+    depths: dict[str, int] = {}
+    for p in primitives:
+        q = queue_for(p)
+        keys = [q] + [f"{q}:{step}" for step in REDIS_PRIORITY_STEPS if step]
+        with redis_client.pipeline() as pipe:
+            for key in keys:
+                pipe.llen(key)
+            depths[q] = sum(pipe.execute())
+    return depths
+
+
+def fleet_status(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
+    """What answers right now. Raises ``FleetUnavailable`` when no broker answers."""
+    import redis
+    from celery import Celery
+
+    from producer.models import PRIMITIVES
+    from producer.transport import celery_conf
+
+    url = settings.resolved_broker_url()
+    if not url:
+        raise FleetUnavailable(f"no fleet: {settings.fleet_file()} not found and no broker set")
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        client.ping()
+        depths = queue_depths(client, list(PRIMITIVES))
+    except redis.RedisError as exc:
+        raise FleetUnavailable(f"broker does not answer: {exc}") from exc
+    finally:
+        client.close()
+    app = Celery("actionfleet-status", set_as_current=False)
+    app.conf.update(celery_conf(settings, url))
+    try:
+        replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    finally:
+        app.close()
+    workers = {name: sorted(q["name"] for q in queues) for name, queues in sorted(replies.items())}
+    return {
+        "broker": "ok",
+        "workers": workers,
+        "queues": depths,
+        "fleet": read_fleet_file(settings),
+    }
+
+
+def stop_fleet(settings: Settings, timeout: float = 60.0) -> bool:
+    """SIGTERM the ``up`` process of this home and wait for it. False if none ran."""
+    info = read_fleet_file(settings)
+    if not info or not _alive(int(info["pid"])):
+        with contextlib.suppress(OSError):
+            settings.fleet_file().unlink()
+        return False
+    pid = int(info["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
+@dataclass
+class _Child:
+    name: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,  # our Ctrl-C must not hit children before we drain
+            )
+
+
+@dataclass
+class Fleet:
+    settings: Settings
+    primitives: list[str]
+    concurrency: int = 2
+    say: Say = print
+    children: list[_Child] = field(default_factory=list)
+    redis: _Child | None = None
+    broker_url: str = ""
+    _stopping: bool = False
+
+    # -- start ------------------------------------------------------------------------
+
+    def _start_redis(self) -> str:
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise FleetUnavailable("redis-server is not installed; run scripts/setup.sh")
+        port = free_port()
+        data = self.settings.home / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        self.redis = _Child(
+            "redis",
+            [
+                exe,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(data.resolve()),
+            ],
+            self.settings.home / "logs" / "redis.log",
+            dict(os.environ),
+        )
+        self.redis.start()
+        url = f"redis://127.0.0.1:{port}/0"
+        self._wait(lambda: self._redis_ping(url), 15, "redis-server to answer")
+        return url
+
+    @staticmethod
+    def _redis_ping(url: str) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def _worker(self, primitive: str) -> _Child:
+        env = dict(os.environ)
+        env["ACTIONFLEET_BROKER_URL"] = self.broker_url
+        env["ACTIONFLEET_HOME"] = str(self.settings.home.resolve())
+        name = f"{primitive}.{os.getpid()}@{socket.gethostname()}"
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.app",
+            "worker",
+            "-Q",
+            queue_for(primitive),
+            "-n",
+            name,
+            "--concurrency",
+            str(self.concurrency),
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+        return _Child(name, argv, self.settings.home / "logs" / f"worker-{primitive}.log", env)
+
+    def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._stopping:
+                raise KeyboardInterrupt
+            if ready():
+                return
+            time.sleep(0.2)
+        raise FleetUnavailable(f"timed out after {timeout:.0f}s waiting for {what}")
+
+    def _workers_ready(self) -> bool:
+        try:
+            status = fleet_status(self._settings_with_broker(), timeout=1.0)
+        except FleetUnavailable:
+            return False
+        return all(c.name in status["workers"] for c in self.children)
+
+    def _settings_with_broker(self) -> Settings:
+        return self.settings.model_copy(update={"broker_url": self.broker_url})
+
+    def start(self) -> None:
+        home = self.settings.home
+        home.mkdir(parents=True, exist_ok=True)
+        running = read_fleet_file(self.settings)
+        if running and _alive(int(running["pid"])) and int(running["pid"]) != os.getpid():
+            raise FleetUnavailable(
+                f"a fleet already runs from {home} (pid {running['pid']}); "
+                "use `actionfleet down` first or another ACTIONFLEET_HOME"
+            )
+        self.broker_url = self.settings.broker_url or self._start_redis()
+        self.say(f"broker: {self.broker_url}")
+        for p in self.primitives:
+            child = self._worker(p)
+            child.start()
+            self.children.append(child)
+            self.say(f"worker {child.name} started (queue {queue_for(p)}, log {child.log})")
+        self._wait(self._workers_ready, 90, "workers to answer a ping")
+        info = {
+            "pid": os.getpid(),
+            "broker_url": self.broker_url,
+            "home": str(home.resolve()),
+            "started_at": time.time(),
+            "primitives": self.primitives,
+            "workers": [
+                {"name": c.name, "pid": c.proc.pid if c.proc else None} for c in self.children
+            ],
+        }
+        tmp = self.settings.fleet_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(self.settings.fleet_file())
+        self.say(f"fleet ready: {self.settings.fleet_file()}")
+
+    # -- supervise / stop -------------------------------------------------------------
+
+    def supervise(self) -> None:
+        """Block until SIGINT/SIGTERM; restart a worker that died meanwhile."""
+        while not self._stopping:
+            for child in self.children:
+                if child.proc is not None and child.proc.poll() is not None:
+                    child.restarts += 1
+                    self.say(f"worker {child.name} exited ({child.proc.returncode}); restarting")
+                    child.start()
+            time.sleep(0.5)
+
+    def request_stop(self, *_: Any) -> None:
+        self._stopping = True
+
+    def stop(self, grace_s: float = 60.0) -> None:
+        # Warm shutdown: Celery finishes running actions, unstarted ones stay queued.
+        for child in self.children:
+            if child.proc and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(child.proc.pid, signal.SIGKILL)
+                child.proc.wait()
+        if self.redis and self.redis.proc and self.redis.proc.poll() is None:
+            self.redis.proc.terminate()
+            try:
+                self.redis.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.redis.proc.kill()
+        info = read_fleet_file(self.settings)
+        if info and int(info.get("pid", -1)) == os.getpid():
+            with contextlib.suppress(OSError):
+                self.settings.fleet_file().unlink()
+        self.say("fleet stopped")
+
+    def run_forever(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        try:
+            self.start()
+            self.supervise()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()

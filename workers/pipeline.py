@@ -1,0 +1,141 @@
+"""The execution pipeline, top to bottom in one place.
+
+    validate -> deadline -> policy -> middleware (limits) -> execute -> normalize -> events
+
+``Pipeline.run`` never raises: every outcome, including a bug in an executor, becomes an
+``ActionResult`` the agent can act on, and every stage emits a lifecycle event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from producer.errors import (
+    ActionError,
+    DeadlinePassed,
+    InternalError,
+    InvalidAction,
+    ValidationError_,
+)
+from producer.models import ActionResult
+from producer.validation import parse_action
+from workers.executors import ExecutorRegistry
+from workers.middleware import ActionContext, LifecycleEvent, Middleware, Stage
+from workers.policy import PolicyEngine
+
+__all__ = ["Pipeline"]
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        policy: PolicyEngine,
+        executors: ExecutorRegistry,
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
+        self.policy = policy
+        self.executors = executors
+        self.middleware = list(middleware)
+
+    def run(self, ctx: ActionContext) -> dict[str, Any]:
+        """Execute one delivery of an action; returns the result as JSON-ready dict."""
+        try:
+            output = self._execute(ctx)
+            result = self._result(ctx, "succeeded", output=output)
+        except InvalidAction as exc:
+            result = self._result(
+                ctx,
+                "invalid",
+                error={
+                    "type": "validation_error",
+                    "message": str(exc),
+                    "retryable": False,
+                    "details": {"errors": exc.errors},
+                },
+            )
+        except ActionError as exc:
+            result = self._result(ctx, exc.status, output=exc.output, error=exc.to_info())
+        except Exception as exc:  # a bug must still produce a result, never a lost action
+            log.exception("executor crashed on action %s", ctx.action_id)
+            err = InternalError(f"the worker failed unexpectedly ({type(exc).__name__})")
+            result = self._result(ctx, "failed", error=err.to_info())
+        for m in self.middleware:
+            self._guard(m.after_execute, ctx, result)
+        self._emit("finished", ctx, status=result.status, result=result)
+        return result.model_dump(mode="json")
+
+    def _execute(self, ctx: ActionContext) -> dict[str, Any]:
+        action = parse_action(ctx.raw)
+        ctx.action = action
+        self._emit("received", ctx)
+        if action.primitive != ctx.primitive:
+            raise ValidationError_(
+                f"a {action.primitive!r} action arrived on queue {ctx.queue!r}; "
+                f"send it to actions.{action.primitive}",
+                field="primitive",
+            )
+        if action.deadline is not None and datetime.now(UTC) > action.deadline:
+            raise DeadlinePassed(
+                f"the deadline {action.deadline.isoformat()} passed before the action "
+                "started; send it again with a later deadline",
+                deadline=action.deadline.isoformat(),
+            )
+        if not self.executors.supports(action.primitive):
+            raise ValidationError_(
+                f"primitive {action.primitive!r} has no executor in this fleet version",
+                field="primitive",
+            )
+        try:
+            grant = self.policy.authorize(action)
+        except ActionError as exc:
+            self._emit("policy", ctx, decision="deny", reason=exc.message)
+            raise
+        self._emit("policy", ctx, decision="allow", reason=grant.reason)
+        for m in self.middleware:
+            m.before_execute(ctx)
+        executor = self.executors.get(action.primitive)
+        self._emit("started", ctx)
+        return executor.execute(action, grant, ctx)
+
+    def _result(
+        self,
+        ctx: ActionContext,
+        status: str,
+        *,
+        output: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> ActionResult:
+        return ActionResult(
+            action_id=ctx.action_id or "",
+            primitive=ctx.primitive,
+            status=status,  # type: ignore[arg-type]
+            output=output,
+            error=error,  # type: ignore[arg-type]
+            attempt=ctx.attempt,
+            started_at=ctx.started_at,
+            finished_at=datetime.now(UTC),
+            duration_ms=ctx.elapsed_ms(),
+            worker=ctx.worker,
+        )
+
+    def _emit(self, stage: Stage, ctx: ActionContext, **fields: Any) -> None:
+        event = LifecycleEvent(stage=stage, ctx=ctx, time=datetime.now(UTC), **fields)
+        for m in self.middleware:
+            self._guard(m.on_event, event)
+
+    @staticmethod
+    def _guard(hook: Any, *args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:  # observability must never fail the action
+            log.exception("middleware hook %r failed", hook)
+
+    def close(self) -> None:
+        self.executors.close()
+        for m in self.middleware:
+            self._guard(m.close)
