@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 from celery import Celery, Task, signals
@@ -100,30 +101,59 @@ def _close_pipeline(**_: Any) -> None:
         _pipeline = None
 
 
+@signals.worker_process_init.connect
+def _on_process_init(**_: Any) -> None:
+    # A new pool process often replaces one that died mid-action: clear its containers.
+    if _consumes_code:
+        threading.Thread(target=_reap_once, name="sandbox-reaper", daemon=True).start()
+
+
+_consumes_code = False
+
+
+@signals.celeryd_init.connect
+def _on_init(sender: Any = None, instance: Any = None, options: Any = None, **_: Any) -> None:
+    global _consumes_code
+    queues = (options or {}).get("queues") or []
+    if isinstance(queues, str):
+        queues = queues.split(",")
+    _consumes_code = not queues or queue_for("code") in queues
+
+
 @signals.worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
     # Fail loudly on a policy file that does not load, instead of on the first action.
-    PolicyEngine(settings.policy)
-    queues = {q.name for q in sender.app.amqp.queues.consume_from.values()} if sender else set()
-    if queue_for("code") in queues:
+    policy = PolicyEngine(settings.policy).current()
+    tenants = [policy.default] + [policy.for_tenant(t) for t in policy.tenants]
+    longest = max(t.code.max_timeout_s for t in tenants)
+    if longest + 30 > settings.visibility_timeout_s:
+        log.error(
+            "visibility timeout %ss is not above the longest allowed action (%ss) plus 30s: "
+            "a slow action may be delivered twice; raise ACTIONFLEET_VISIBILITY_TIMEOUT_S",
+            settings.visibility_timeout_s,
+            longest,
+        )
+    if _consumes_code:
         threading.Thread(target=_reap_loop, name="sandbox-reaper", daemon=True).start()
 
 
-def _reap_loop(interval_s: float = 60.0) -> None:
-    """Remove sandbox containers left behind by dead workers, now and periodically."""
+def _reap_once() -> None:
+    """Remove sandbox containers left behind by dead workers or past their expiry."""
     from sandboxes.docker import DockerSandbox
 
-    stop = threading.Event()
-    while True:
+    try:
+        sandbox = DockerSandbox(runtime=settings.sandbox_runtime)
         try:
-            sandbox = DockerSandbox(runtime=settings.sandbox_runtime)
-            try:
-                removed = sandbox.reap()
-            finally:
-                sandbox.close()
-            if removed:
-                log.warning("reaped %d leftover sandbox containers", removed)
-        except Exception:
-            log.exception("sandbox reaper failed; will retry")
-        if stop.wait(interval_s):
-            return
+            removed = sandbox.reap()
+        finally:
+            sandbox.close()
+        if removed:
+            log.warning("reaped %d leftover sandbox containers", removed)
+    except Exception:
+        log.exception("sandbox reaper failed; will retry")
+
+
+def _reap_loop(interval_s: float = 60.0) -> None:
+    while True:
+        _reap_once()
+        time.sleep(interval_s)

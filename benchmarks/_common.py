@@ -1,0 +1,131 @@
+"""Helpers for benchmarks: percentiles, a table, real processes started and stopped."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def timed(fn: Callable[[], object], n: int, warmup: int = 2) -> list[float]:
+    """Milliseconds per call of ``fn``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def table(rows: list[tuple[str, list[float]]], baseline: str) -> str:
+    base = {name: s for name, s in rows}[baseline]
+    b50, b90 = pct(base, 0.5), pct(base, 0.9)
+    lines = [
+        f"{'subject':<34} {'n':>4} {'p50 ms':>9} {'p90 ms':>9} {'mean':>9} "
+        f"{'p50/base':>9} {'p90/base':>9}"
+    ]
+    for name, s in rows:
+        lines.append(
+            f"{name:<34} {len(s):>4} {pct(s, 0.5):>9.1f} {pct(s, 0.9):>9.1f} "
+            f"{statistics.fmean(s):>9.1f} {pct(s, 0.5) / b50:>9.2f} {pct(s, 0.9) / b90:>9.2f}"
+        )
+    lines.append(f"(ratios against: {baseline})")
+    return "\n".join(lines)
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    from workers.fleet import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    for _ in range(100):
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.RedisError:
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@contextmanager
+def celery_worker(
+    app: str, queue: str, broker_url: str, concurrency: int = 1, **env_extra: str
+) -> Iterator[str]:
+    from celery import Celery
+
+    name = f"bench-{queue}-{os.getpid()}@localhost"
+    env = dict(os.environ, ACTIONFLEET_BROKER_URL=broker_url, PYTHONPATH=str(ROOT), **env_extra)
+    log = Path(tempfile.mkdtemp()) / "worker.log"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            app,
+            "worker",
+            "-Q",
+            queue,
+            "-n",
+            name,
+            "--concurrency",
+            str(concurrency),
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel",
+            "WARNING",
+            "--logfile",
+            str(log),
+        ],
+        env=env,
+        cwd=ROOT,
+    )
+    probe = Celery(set_as_current=False, broker=broker_url)
+    try:
+        for _ in range(120):
+            if probe.control.ping(destination=[name], timeout=0.5):
+                break
+        else:
+            raise RuntimeError(f"worker {name} did not start; see {log}")
+        yield name
+    finally:
+        probe.close()
+        proc.terminate()
+        proc.wait(60)

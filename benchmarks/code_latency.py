@@ -1,0 +1,80 @@
+"""End-to-end latency of a `print(1)` code action through the fleet, beside a cold
+`docker run` of the same image and a bare Celery no-op round trip, in the same run.
+
+    .venv/bin/python benchmarks/code_latency.py [-n 30] [--runtime runc|runsc]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _common import ROOT, celery_worker, redis_server, table, timed  # noqa: F401
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=30, help="timed runs per subject (30)")
+    parser.add_argument("--runtime", default="runc", choices=["runc", "runsc"])
+    args = parser.parse_args()
+
+    import docker
+    from celery import Celery
+
+    from producer.client import ActionClient
+    from producer.config import Settings
+    from sandboxes.image import ensure_image
+
+    image = ensure_image()
+    engine = docker.from_env()
+    action = {
+        "primitive": "code",
+        "tenant_id": "bench",
+        "agent_id": "bench",
+        "payload": {"language": "python", "source": "print(1)"},
+    }
+
+    def cold_docker_run() -> None:
+        out = engine.containers.run(
+            image,
+            ["python3", "-c", "print(1)"],
+            remove=True,
+            network_mode="none",
+            runtime=args.runtime,
+        )
+        assert out.strip() == b"1"
+
+    rows: list[tuple[str, list[float]]] = []
+    with redis_server() as url:
+        with celery_worker("benchmarks.noop_app", "bench", url) as _:
+            noop_app = Celery(set_as_current=False, broker=url, backend=url)
+            rows.append(
+                (
+                    "bare Celery no-op round trip",
+                    timed(
+                        lambda: noop_app.send_task("bench.noop", queue="bench").get(timeout=30),
+                        args.n * 3,
+                    ),
+                )
+            )
+            noop_app.close()
+        rows.append((f"cold docker run ({args.runtime})", timed(cold_docker_run, args.n)))
+        with celery_worker(
+            "workers.app",
+            "actions.code",
+            url,
+            concurrency=1,
+            ACTIONFLEET_SANDBOX_RUNTIME=args.runtime,
+        ):
+            client = ActionClient(url, settings=Settings(broker_url=url))
+
+            def fleet_action() -> None:
+                result = client.run(action, timeout=60)
+                assert result.status == "succeeded" and result.output["stdout"] == "1\n", result
+
+            rows.append((f"fleet code action ({args.runtime})", timed(fleet_action, args.n)))
+            client.close()
+    print(table(rows, baseline=f"cold docker run ({args.runtime})"))
+
+
+if __name__ == "__main__":
+    main()
