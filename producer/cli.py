@@ -77,26 +77,21 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from producer.client import ActionClient
+    from producer.client import ActionClient, validate_action
 
     text = _read_action_arg(args.action)
     try:
         raw: Any = json.loads(text)
     except ValueError:
         raw = text
-    try:
-        client = ActionClient()
-    except FleetUnavailable as exc:
-        _eprint(f"error: {exc}")
-        return EXIT_FAILED
-    with client:
-        try:
-            action = client.validate(raw)
-        except InvalidAction as exc:
-            print(_dump(_invalid_result(exc, raw)))
-            for e in exc.errors:
-                _eprint(f"invalid: {e['field']}: {e['reason']} -> {e['fix']}")
-            return EXIT_INVALID
+    try:  # validate before touching the broker: bad input never needs a fleet
+        action = validate_action(raw)
+    except InvalidAction as exc:
+        print(_dump(_invalid_result(exc, raw)))
+        for e in exc.errors:
+            _eprint(f"invalid: {e['field']}: {e['reason']} -> {e['fix']}")
+        return EXIT_INVALID
+    with ActionClient() as client:
         try:
             result = client.submit(action).result(timeout=args.timeout)
         except ResultTimeout as exc:

@@ -16,11 +16,19 @@ from producer.models import Action, ActionResult, queue_for, task_name_for
 from producer.transport import celery_conf, redis_priority
 from producer.validation import parse_action
 
-__all__ = ["SUPPORTED_PRIMITIVES", "ActionClient", "ActionHandle"]
+__all__ = ["SUPPORTED_PRIMITIVES", "ActionClient", "ActionHandle", "validate_action"]
 
 # Primitives with an executor in this version of the fleet. Sending another one would
 # leave the action waiting on a queue nobody serves, so the client refuses it up front.
 SUPPORTED_PRIMITIVES: tuple[str, ...] = ("code",)
+
+
+def validate_action(action: Any, primitives: Sequence[str] = SUPPORTED_PRIMITIVES) -> Action:
+    """Validate without a broker. Raises ``InvalidAction`` (or ``UnsupportedPrimitive``)."""
+    parsed = parse_action(action)
+    if parsed.primitive not in primitives:
+        raise UnsupportedPrimitive(parsed.primitive, list(primitives))
+    return parsed
 
 
 class ActionHandle:
@@ -91,10 +99,7 @@ class ActionClient:
     # -- validation -------------------------------------------------------------------
 
     def validate(self, action: Any) -> Action:
-        parsed = parse_action(action)
-        if parsed.primitive not in self.primitives:
-            raise UnsupportedPrimitive(parsed.primitive, list(self.primitives))
-        return parsed
+        return validate_action(action, self.primitives)
 
     # -- sending ----------------------------------------------------------------------
 

@@ -10,11 +10,13 @@ from typing import Any
 
 from producer.config import Settings
 
-__all__ = ["REDIS_PRIORITY_STEPS", "celery_conf", "redis_priority"]
+__all__ = ["REDIS_PRIORITY_SEP", "REDIS_PRIORITY_STEPS", "celery_conf", "redis_priority"]
 
 # Redis has no native priorities: kombu keeps one list per step and, by default, serves
 # the LOWEST number first. Our contract says 9 is most urgent, so we invert on send.
 REDIS_PRIORITY_STEPS = list(range(10))
+# kombu names the list of priority step N "<queue><SEP><N>" (step 0 is the bare name).
+REDIS_PRIORITY_SEP = "\x06\x16"
 
 
 def redis_priority(priority: int) -> int:
@@ -37,8 +39,11 @@ def celery_conf(settings: Settings, broker_url: str) -> dict[str, Any]:
             # Unacked actions return to the queue after this; must exceed the longest
             # action or a slow action is executed twice.
             "visibility_timeout": settings.visibility_timeout_s,
+            # kombu sweeps for such actions only every interval x throttle seconds (100 s
+            # by default, on top of the timeout); sweep at a quarter of the timeout instead.
+            "unacked_restore_interval": max(1, min(60, settings.visibility_timeout_s // 4)),
+            "unacked_restore_throttle": 1,
             "priority_steps": REDIS_PRIORITY_STEPS,
-            "sep": ":",
             "queue_order_strategy": "priority",
         },
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},

@@ -124,8 +124,8 @@ def test_invalid_messages_never_reach_the_broker(
     env = {"PATH": "/usr/bin:/bin", "ACTIONFLEET_BROKER_URL": redis_server.url(db),
            "ACTIONFLEET_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "submit", json.dumps(raw)],
-        capture_output=True, text=True, env=env, timeout=60,
+        [sys.executable, "-m", "producer.cli", "submit", "-"],
+        input=json.dumps(raw), capture_output=True, text=True, env=env, timeout=60,
     )
     assert out.returncode == 2, out
     assert json.loads(out.stdout)["error"]["details"]["errors"]

@@ -25,7 +25,7 @@ from typing import Any
 from producer.config import Settings
 from producer.errors import FleetUnavailable
 from producer.models import queue_for
-from producer.transport import REDIS_PRIORITY_STEPS
+from producer.transport import REDIS_PRIORITY_SEP, REDIS_PRIORITY_STEPS
 
 __all__ = ["Fleet", "fleet_status", "free_port", "queue_depths", "read_fleet_file", "stop_fleet"]
 
@@ -60,7 +60,7 @@ def queue_depths(redis_client: Any, primitives: list[str]) -> dict[str, int]:
     depths: dict[str, int] = {}
     for p in primitives:
         q = queue_for(p)
-        keys = [q] + [f"{q}:{step}" for step in REDIS_PRIORITY_STEPS if step]
+        keys = [q] + [f"{q}{REDIS_PRIORITY_SEP}{step}" for step in REDIS_PRIORITY_STEPS if step]
         with redis_client.pipeline() as pipe:
             for key in keys:
                 pipe.llen(key)

@@ -1,0 +1,509 @@
+"""The Docker sandbox backend: one fresh, locked-down container per run (runc or gVisor).
+
+A run, step by step::
+
+    create (stdin open, once)  ->  attach a stdin socket  ->  start  ->  send the framed
+    request and half-close (EOF for the runner)  ->  wait(timeout + grace)  ->  read the
+    runner's result frame from the container log  ->  inspect State  ->  remove (always)
+
+The runner (``sandboxes/image/runner.py``, PID 1 in the container; its module docstring
+documents the wire protocol) enforces the program's deadline and output bounds itself. This
+side is the hard backstop: if the container is still running ``kill_grace_s`` after the
+deadline it is killed, and whatever happens the container is removed in ``finally``.
+
+Timeouts: ``timed_out`` is the runner's report (it SIGKILLed the program at the deadline), or
+the host watchdog fired (then there is no frame).
+
+OOM: on cgroup v1 the kernel usually picks the program (the runner raises its
+oom_score_adj), the runner survives and reports ``oom_killed`` from the cgroup's
+``memory.oom_control`` ``oom_kill`` counter. If the runner itself dies with exit 137 and
+no frame, that is also treated as OOM: nothing inside the container can SIGKILL PID 1 (the
+kernel ignores such signals from inside its PID namespace), and when our watchdog did not
+kill it either, the OOM killer did. Docker's ``State.OOMKilled`` is OR-ed in as well.
+
+Network: every container gets ``network_mode="none"``. ``RunSpec.network=True`` is reserved
+for a later egress-filtered mode and is currently run with no network too (logged once).
+
+Leftovers (a worker that died mid-run, a daemon hiccup on remove) carry labels so that
+``reap()`` can find them: ``actionfleet.sandbox=1``, ``actionfleet.owner=<host>:<pid>`` and
+``actionfleet.expires=<unix time>`` after which no run could still legitimately need it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import LogConfig, Ulimit
+
+from producer.config import get_settings
+from producer.errors import SandboxError
+from sandboxes.base import Limits, RunOutcome, RunSpec, Runtime, Usage
+from sandboxes.image import ensure_image
+
+__all__ = [
+    "LABEL_EXPIRES",
+    "LABEL_OWNER",
+    "LABEL_PREFIX",
+    "LABEL_SANDBOX",
+    "DockerSandbox",
+    "encode_request",
+    "end_orphaned_runtime_processes",
+    "list_sandbox_containers",
+    "parse_frame",
+    "reap_containers",
+]
+
+log = logging.getLogger(__name__)
+
+LABEL_PREFIX = "actionfleet."
+LABEL_SANDBOX = "actionfleet.sandbox"
+LABEL_OWNER = "actionfleet.owner"
+LABEL_EXPIRES = "actionfleet.expires"
+LABEL_RUNTIME = "actionfleet.runtime"
+SANDBOX_FILTER = {"label": f"{LABEL_SANDBOX}=1"}
+
+SANDBOX_UID = 10001
+# Beyond timeout + grace, how long a container may exist before any process may reap it:
+# covers a slow create/start, sending a large stdin, reading the log and removing.
+EXPIRY_SLACK_S = 60.0
+# Bound for the Docker calls around a run (create, start, logs, inspect, remove).
+API_TIMEOUT_S = 60
+SEND_TIMEOUT_S = 30.0
+STDERR_TAIL_BYTES = 2000
+EXIT_SIGKILL = 128 + signal.SIGKILL  # 137: how Docker reports a SIGKILLed PID 1
+# gVisor (ptrace platform) runs its kernel as host threads plus a stub process per guest
+# process, all in the container's pids cgroup: ~45 host tasks when idle and ~8.5 per guest
+# process (measured). Hitting that cgroup limit crashes the sentry (exit 2, no result), so
+# under runsc the guest's process count is limited by RLIMIT_NPROC (which gVisor enforces
+# per sandbox) and the host cgroup limit is only a backstop sized above it.
+RUNTIME_PROCESS_PREFIXES = (b"containerd-shim", b"runsc")
+ORPHAN_SETTLE_S = 1.0
+RUNSC_HOST_TASKS_BASE = 64
+RUNSC_HOST_TASKS_PER_PROC = 20  # a bash fork bomb crashed the sentry at 10, not at 16
+
+
+def encode_request(spec: RunSpec, nonce: str, *, max_procs: int | None = None) -> bytes:
+    """The runner's request: a JSON header line, the source, then the program's stdin."""
+    source = spec.source.encode("utf-8")
+    header: dict[str, Any] = {
+        "v": 1,
+        "language": spec.language,
+        "source_len": len(source),
+        "timeout_s": spec.limits.timeout_s,
+        "output_bytes": spec.limits.output_bytes,
+        "nonce": nonce,
+    }
+    if max_procs is not None:
+        header["max_procs"] = max_procs
+    return json.dumps(header).encode() + b"\n" + source + spec.stdin
+
+
+def parse_frame(logs: bytes, nonce: str) -> dict[str, Any] | None:
+    """The runner's result frame in the container's stdout log, or None if absent/garbled.
+
+    The last line carrying our nonce wins: the runner writes it after every program process
+    is dead, so a program that reached the log stream (possible under gVisor) cannot follow
+    it. A nonce-less ``ok: false`` refusal counts only as the sole output of the run.
+    """
+    lines = [line for line in logs.splitlines() if line.strip()]
+    for line in reversed(lines):
+        frame = _json_frame(line)
+        if frame is not None and frame.get("nonce") == nonce:
+            return frame
+    if len(lines) == 1:
+        frame = _json_frame(lines[0])
+        if frame is not None and frame.get("nonce") is None and frame.get("ok") is False:
+            return frame
+    return None
+
+
+def _json_frame(line: bytes) -> dict[str, Any] | None:
+    if not line.startswith(b"{"):
+        return None
+    try:
+        frame = json.loads(line)
+    except ValueError:
+        return None
+    return frame if isinstance(frame, dict) and frame.get("v") == 1 else None
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    # A killed worker whose parent died too lingers as a zombie until init reaps it.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")
+
+
+def list_sandbox_containers(client: docker.DockerClient) -> list[dict[str, Any]]:
+    """Every ActionFleet sandbox container the engine has, running or not (API dicts)."""
+    return client.api.containers(all=True, filters=SANDBOX_FILTER)
+
+
+def _is_stale(labels: dict[str, str], now: float, host: str) -> bool:
+    """Past its expiry, or owned by a process of this host that no longer exists."""
+    try:
+        if float(labels.get(LABEL_EXPIRES, "0")) < now:
+            return True
+    except ValueError:
+        return True  # a sandbox label we cannot read is nobody's live run
+    owner_host, _, owner_pid = labels.get(LABEL_OWNER, "").rpartition(":")
+    if owner_host == host and owner_pid.isdigit():
+        return not _pid_alive(int(owner_pid))
+    return False
+
+
+def reap_containers(client: docker.DockerClient, *, everything: bool = False) -> int:
+    """Remove stale sandbox containers (or all of them); returns how many were removed."""
+    now, host, removed = time.time(), socket.gethostname(), 0
+    for info in list_sandbox_containers(client):
+        if not everything and not _is_stale(info.get("Labels") or {}, now, host):
+            continue
+        try:
+            client.api.remove_container(info["Id"], force=True)
+            removed += 1
+        except docker.errors.NotFound:
+            pass  # its own run removed it meanwhile
+        except docker.errors.APIError as exc:
+            log.warning("could not reap sandbox container %s: %s", info["Id"][:12], exc)
+    return removed
+
+
+def _runtime_processes_of(container_id: str) -> list[int]:
+    """Local containerd-shim / runsc processes whose command line names ``container_id``."""
+    needle, found = container_id.encode(), []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        program = os.path.basename(cmdline.split(b"\0", 1)[0])
+        if program.startswith(RUNTIME_PROCESS_PREFIXES) and needle in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def end_orphaned_runtime_processes(container_id: str) -> int:
+    """Kill what a failed start left behind for a container that is already removed.
+
+    Measured here: when gVisor fails at "starting sandbox" (e.g. a bad mount), dockerd
+    reports the error and removes the container, but its containerd-shim keeps running
+    forever. Only processes naming this exact container id are touched, after a short
+    wait in which a healthy shim exits by itself. Returns how many were killed. A no-op
+    when the engine runs on another host (nothing local names the id).
+    """
+    deadline = time.monotonic() + ORPHAN_SETTLE_S
+    while (pids := _runtime_processes_of(container_id)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    if pids:
+        log.warning("killed %d orphaned runtime process(es) of %s", len(pids), container_id[:12])
+        # SIGKILL is asynchronous. containerd notices the dead shim and runs its own
+        # cleanup (`containerd-shim ... delete`, `runsc delete`), which must be left alone.
+        deadline = time.monotonic() + ORPHAN_SETTLE_S
+        while set(pids) & set(_runtime_processes_of(container_id)):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    return len(pids)
+
+
+class DockerSandbox:
+    """``Sandbox`` backed by the local Docker engine. Thread-safe; one per worker process.
+
+    ``client``: a docker client to use (not closed by ``close()``); by default one is made
+    from the environment and owned. ``image``: by default the built sandbox image
+    (``ensure_image()`` builds it on first use, ~40 s). ``kill_grace_s``: how long after the
+    deadline the host kills a container whose runner did not finish.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime | None = None,
+        image: str | None = None,
+        client: docker.DockerClient | None = None,
+        *,
+        kill_grace_s: float = 2.0,
+    ) -> None:
+        self.runtime: Runtime = runtime or get_settings().sandbox_runtime
+        self._owns_client = client is None
+        try:
+            self._client = client or docker.from_env(timeout=API_TIMEOUT_S)
+        except docker.errors.DockerException as exc:
+            raise SandboxError(f"no Docker engine answers: {exc}") from exc
+        self.image = image or ensure_image()
+        self.kill_grace_s = kill_grace_s
+        self._warned_network = False
+
+    # ------------------------------------------------------------------ Sandbox protocol
+
+    def run(self, spec: RunSpec) -> RunOutcome:
+        """Run ``spec`` in a fresh container; program failures are in the outcome."""
+        self._note_network(spec)
+        nonce = secrets.token_hex(16)
+        started = time.monotonic()
+        container_id, started_ok = "", False
+        max_procs = spec.limits.pids if self.runtime == "runsc" else None
+        request = encode_request(spec, nonce, max_procs=max_procs)
+        try:
+            container_id = self._create(spec)
+            with self._stdin_socket(container_id) as sock:  # attached before start
+                self._api.start(container_id)
+                started_ok = True
+                self._send(container_id, sock, request)
+            watchdog_fired = self._wait(container_id, spec.limits.timeout_s)
+            frame = parse_frame(self._logs(container_id, stdout=True), nonce)
+            state = self._api.inspect_container(container_id)["State"]
+            wall_ms = int((time.monotonic() - started) * 1000)
+            return self._outcome(container_id, frame, state, watchdog_fired, wall_ms)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            where = f" (container {container_id[:12]})" if container_id else ""
+            raise SandboxError(f"sandbox run failed{where}: {exc}") from exc
+        finally:
+            if container_id:
+                self._remove(container_id)
+                if not started_ok:
+                    end_orphaned_runtime_processes(container_id)
+
+    def reap(self) -> int:
+        """Remove expired sandbox containers and ones whose owning process on this host died."""
+        return reap_containers(self._client)
+
+    def reap_all(self) -> int:
+        """Remove every sandbox container, live or not (test teardown, ``sandbox reap --all``)."""
+        return reap_containers(self._client, everything=True)
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    # ------------------------------------------------------------------ steps
+
+    @property
+    def _api(self) -> docker.APIClient:
+        return self._client.api
+
+    def _note_network(self, spec: RunSpec) -> None:
+        if spec.network and not self._warned_network:
+            self._warned_network = True
+            log.warning("RunSpec.network=True is not implemented yet; running with no network")
+
+    def _labels(self, spec: RunSpec) -> dict[str, str]:
+        limits = spec.limits
+        expires = time.time() + limits.timeout_s + self.kill_grace_s + EXPIRY_SLACK_S
+        labels = {f"{LABEL_PREFIX}{k}": str(v) for k, v in spec.labels.items()}
+        labels.update(  # after the caller's, so they cannot be overridden
+            {
+                LABEL_SANDBOX: "1",
+                LABEL_OWNER: _owner(),
+                LABEL_EXPIRES: str(int(expires) + 1),
+                LABEL_RUNTIME: self.runtime,
+            }
+        )
+        return labels
+
+    def _host_config(self, limits: Limits) -> dict[str, Any]:
+        # exec is allowed so `chmod +x x.sh && ./x.sh` works; the program can run arbitrary
+        # code anyway. nosuid/nodev are what matter; size bounds memory use of the tmpfs.
+        tmpfs_opts = f"rw,nosuid,nodev,exec,size={limits.tmpfs_mb}m,mode=1777"
+        memory = f"{limits.memory_mb}m"
+        return self._api.create_host_config(
+            network_mode="none",
+            read_only=True,
+            tmpfs={"/tmp": tmpfs_opts, "/work": tmpfs_opts},
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            mem_limit=memory,
+            memswap_limit=memory,  # equal: no swap, so a memory bomb hits the OOM killer
+            nano_cpus=int(limits.cpus * 1e9),
+            pids_limit=self._host_pids_limit(limits),
+            ulimits=[
+                Ulimit(name="nofile", soft=1024, hard=1024),
+                Ulimit(name="core", soft=0, hard=0),
+            ],
+            ipc_mode="private",
+            init=False,  # the runner is PID 1 and reaps
+            runtime=self.runtime,
+            # Explicit, because the result frame is read back from the log; a daemon
+            # default of "none" or "syslog" would lose it.
+            log_config=LogConfig(type="json-file", config={}),
+        )
+
+    def _host_pids_limit(self, limits: Limits) -> int:
+        if self.runtime == "runsc":
+            return RUNSC_HOST_TASKS_BASE + RUNSC_HOST_TASKS_PER_PROC * limits.pids
+        return limits.pids
+
+    def _create(self, spec: RunSpec) -> str:
+        try:
+            created = self._api.create_container(
+                self.image,
+                name=f"actionfleet-sbx-{secrets.token_hex(6)}",
+                user=f"{SANDBOX_UID}:{SANDBOX_UID}",
+                # With detach=False, docker-py also sets StdinOnce: the runner's stdin closes
+                # when our attach connection half-closes, which is the request's end.
+                stdin_open=True,
+                detach=False,
+                tty=False,
+                network_disabled=True,
+                hostname="sandbox",
+                labels=self._labels(spec),
+                host_config=self._host_config(spec.limits),
+            )
+        except docker.errors.ImageNotFound as exc:
+            raise SandboxError(
+                f"sandbox image {self.image} is missing; build it with sandboxes.image"
+                ".build_image()"
+            ) from exc
+        return created["Id"]
+
+    def _send(self, container_id: str, sock: socket.socket, request: bytes) -> None:
+        """Send the request, then half-close: with StdinOnce the runner sees EOF."""
+        try:
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            # The runner died before reading everything (e.g. OOM at start). The outcome is
+            # decided from its state, not from this error.
+            log.debug("sending the request to %s failed: %s", container_id[:12], exc)
+
+    @contextlib.contextmanager
+    def _stdin_socket(self, container_id: str) -> Iterator[socket.socket]:
+        wrapper = self._api.attach_socket(container_id, params={"stdin": 1, "stream": 1})
+        sock: socket.socket = getattr(wrapper, "_sock", wrapper)
+        sock.settimeout(SEND_TIMEOUT_S)
+        try:
+            yield sock
+        finally:
+            with contextlib.suppress(OSError):
+                wrapper.close()
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _wait(self, container_id: str, timeout_s: float) -> bool:
+        """Wait for the container to exit; kill it past the deadline. True if we killed it."""
+        try:
+            self._api.wait(container_id, timeout=timeout_s + self.kill_grace_s)
+            return False
+        except requests.exceptions.RequestException:
+            pass  # read timeout on the wait call: the runner missed its own deadline
+        log.warning("sandbox %s outlived its deadline; killing it", container_id[:12])
+        with contextlib.suppress(docker.errors.APIError):
+            self._api.kill(container_id)
+        self._api.wait(container_id, timeout=API_TIMEOUT_S)
+        return True
+
+    def _logs(self, container_id: str, *, stdout: bool) -> bytes:
+        return self._api.logs(container_id, stdout=stdout, stderr=not stdout, stream=False)
+
+    def _outcome(
+        self,
+        container_id: str,
+        frame: dict[str, Any] | None,
+        state: dict[str, Any],
+        watchdog_fired: bool,
+        wall_ms: int,
+    ) -> RunOutcome:
+        if frame is not None and not frame.get("ok"):
+            raise SandboxError(f"the sandbox runner refused the request: {frame.get('error')}")
+        if frame is not None:
+            return self._outcome_from_frame(container_id, frame, state, watchdog_fired)
+        exit_code = state.get("ExitCode")
+        # No frame: the runner itself died. Killed by us (timeout) or by the OOM killer are
+        # the program's doing; anything else is a broken sandbox.
+        oom = bool(state.get("OOMKilled")) or (exit_code == EXIT_SIGKILL and not watchdog_fired)
+        if not (watchdog_fired or oom):
+            tail = self._logs(container_id, stdout=False)[-STDERR_TAIL_BYTES:]
+            raise SandboxError(
+                f"the sandbox runner exited {exit_code} without a result: "
+                f"{tail.decode('utf-8', 'replace').strip() or 'no output'}"
+            )
+        return RunOutcome(
+            exit_code=None,
+            stdout=b"",
+            stderr=b"",
+            stdout_truncated=False,
+            stderr_truncated=False,
+            timed_out=watchdog_fired,
+            oom_killed=oom,
+            usage=Usage(wall_ms=wall_ms),
+            sandbox_id=container_id[:12],
+            runtime=self.runtime,
+        )
+
+    def _outcome_from_frame(
+        self,
+        container_id: str,
+        frame: dict[str, Any],
+        state: dict[str, Any],
+        watchdog_fired: bool,
+    ) -> RunOutcome:
+        usage = frame.get("usage") or {}
+        return RunOutcome(
+            exit_code=frame.get("exit_code"),
+            stdout=_b64(frame.get("stdout_b64")),
+            stderr=_b64(frame.get("stderr_b64")),
+            stdout_truncated=bool(frame.get("stdout_truncated")),
+            stderr_truncated=bool(frame.get("stderr_truncated")),
+            timed_out=bool(frame.get("timed_out")) or watchdog_fired,
+            oom_killed=bool(frame.get("oom_killed")) or bool(state.get("OOMKilled")),
+            usage=Usage(
+                cpu_user_s=float(usage.get("utime_s", 0.0)),
+                cpu_system_s=float(usage.get("stime_s", 0.0)),
+                max_rss_kb=int(usage.get("maxrss_kb", 0)),
+                wall_ms=int(usage.get("wall_ms", 0)),
+            ),
+            sandbox_id=container_id[:12],
+            runtime=self.runtime,
+        )
+
+    def _remove(self, container_id: str) -> None:
+        """Remove the container; retried once, then left to ``reap()`` via its labels."""
+        for attempt in (1, 2):
+            try:
+                self._api.remove_container(container_id, force=True)
+                return
+            except docker.errors.NotFound:
+                return
+            except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+                if attempt == 2:
+                    log.warning("could not remove sandbox %s: %s", container_id[:12], exc)
+                time.sleep(0.2)
+
+
+def _b64(text: str | None) -> bytes:
+    try:
+        return base64.b64decode(text or "", validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SandboxError(f"garbled output in the sandbox result frame: {exc}") from exc

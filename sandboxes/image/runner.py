@@ -1,0 +1,443 @@
+"""ActionFleet sandbox runner: PID 1 of every sandbox container (Python 3.11, stdlib only).
+
+The runner receives one program on stdin, runs it under a deadline with its output captured,
+reaps every process, and writes exactly one result frame to its own stdout. Its stdout
+carries nothing but that frame; diagnostics go to stderr.
+
+Protocol, version 1
+===================
+
+Request (container stdin, until EOF)::
+
+    <header: one JSON object, UTF-8, terminated by b"\\n">
+    <source: exactly header.source_len bytes, UTF-8>
+    <program stdin: every remaining byte up to EOF>
+
+Header fields:
+
+    v             1 (optional; other versions are refused)
+    language      "python" | "bash"
+    source_len    int >= 0, byte length of the source
+    timeout_s     float > 0, wall-clock deadline of the program, enforced here
+    output_bytes  int >= 0, bytes kept per stream (stdout, stderr); the rest is counted
+    nonce         str (optional), echoed in the response so the host can tell the real
+                  frame from anything else that might reach the log stream
+    max_procs     int (optional), RLIMIT_NPROC for the program. The host sends it under
+                  gVisor, whose kernel counts processes per sandbox; under runc the limit
+                  would be per host uid, shared by all sandboxes, so the pids cgroup is used
+
+Response (runner stdout): one JSON object on one line (preceded by an empty line), then the
+runner exits. The host must take the LAST line carrying its nonce; a refusal (ok=false) is
+the only output of its run::
+
+    v, nonce           as in the request (nonce null when the request was refused)
+    ok                 true when the program was run; false for a bad request (+ "error")
+    exit_code          int, or null when the program was killed by a signal
+    signal             int signal number that killed the program, or null
+    timed_out          true when the runner killed the program at its deadline
+    oom_killed         true when the kernel's OOM killer killed a process of this run
+    oom_evidence       list of str: why oom_killed was decided ("oom_kill+1", ...)
+    stdout_b64, stderr_b64            first output_bytes of each stream, base64
+    stdout_bytes, stderr_bytes        total bytes the program wrote to each stream
+    stdout_truncated, stderr_truncated
+    usage              {"utime_s", "stime_s", "maxrss_kb", "wall_ms"}; CPU and max RSS of
+                       all reaped descendants (getrusage(RUSAGE_CHILDREN)), wall from spawn
+                       to the program's exit
+
+Exit status of the runner: 0 after a frame with ok=true, 2 after ok=false.
+
+Behaviour
+=========
+- The source is written to /work/main.py or /work/main.sh and run as ``python3 -u main.py``
+  or ``bash main.sh`` in /work, in its own session and process group.
+- At the deadline every process in the container is SIGKILLed (``kill(-1)`` from PID 1 reaches
+  every process of the PID namespace but the runner itself, including ones that called
+  setsid()). The same happens right after the program exits, so background leftovers cannot
+  hold the output pipes open.
+- A reaper thread waits for every child (orphans are re-parented to PID 1), so zombies do not
+  pile up against the pids limit.
+- The runner makes itself non-dumpable, so the program (same uid) cannot open /proc/1/fd/1
+  and write into the frame stream, and raises the program's oom_score_adj so that under
+  memory pressure the kernel prefers the program over the runner.
+
+The protocol is transport-agnostic: a warm pool can keep runners waiting in pre-started
+containers and hand each one a request the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+
+PROTOCOL_VERSION = 1
+WORKDIR = "/work"
+MAX_HEADER_BYTES = 64 * 1024
+CHUNK = 64 * 1024
+# After the program exits or is killed, how long to wait for pipes to drain and for the last
+# processes to be reaped. Everything was SIGKILLed, so this only bounds a misbehaving kernel.
+DRAIN_TIMEOUT_S = 2.0
+
+COMMANDS = {
+    "python": ("main.py", ["/usr/bin/python3", "-u", "main.py"]),
+    "bash": ("main.sh", ["/bin/bash", "main.sh"]),
+}
+CHILD_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": WORKDIR,
+    "TMPDIR": "/tmp",
+    "LANG": "C.UTF-8",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
+# Python ignores SIGPIPE (and may ignore others); ignored dispositions survive exec, so reset
+# them for the program, as subprocess does with restore_signals=True.
+RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+# cgroup files that count OOM kills: v1 memory.oom_control ("oom_kill N", kernel >= 4.13)
+# and v2 memory.events ("oom_kill N"); memory.failcnt counts hits of the v1 limit.
+OOM_COUNTER_FILES = (
+    "/sys/fs/cgroup/memory/memory.oom_control",
+    "/sys/fs/cgroup/memory.events",
+)
+FAILCNT_FILE = "/sys/fs/cgroup/memory/memory.failcnt"
+
+
+class BadRequest(ValueError):
+    """The request could not be parsed; reported as ok=false."""
+
+
+# --------------------------------------------------------------------------- request
+
+
+def parse_request(raw: bytes) -> tuple[dict, str, bytes]:
+    """Split a raw request into (header, source, program stdin)."""
+    newline = raw.find(b"\n", 0, MAX_HEADER_BYTES)
+    if newline < 0:
+        raise BadRequest("no header line in the first 64 KiB of the request")
+    try:
+        header = json.loads(raw[:newline])
+    except ValueError as exc:
+        raise BadRequest(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadRequest("header must be a JSON object")
+    if header.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        raise BadRequest(f"unsupported protocol version {header.get('v')!r}")
+    if header.get("language") not in COMMANDS:
+        raise BadRequest(f"language must be one of {sorted(COMMANDS)}")
+    source_len = header.get("source_len")
+    if not isinstance(source_len, int) or source_len < 0:
+        raise BadRequest("source_len must be an int >= 0")
+    timeout_s = header.get("timeout_s")
+    if not isinstance(timeout_s, int | float) or timeout_s <= 0:
+        raise BadRequest("timeout_s must be a number > 0")
+    output_bytes = header.get("output_bytes")
+    if not isinstance(output_bytes, int) or output_bytes < 0:
+        raise BadRequest("output_bytes must be an int >= 0")
+    max_procs = header.get("max_procs")
+    if max_procs is not None and (not isinstance(max_procs, int) or max_procs < 1):
+        raise BadRequest("max_procs must be an int >= 1")
+    body = raw[newline + 1 :]
+    if len(body) < source_len:
+        raise BadRequest(f"source truncated: {len(body)} of {source_len} bytes")
+    try:
+        source = body[:source_len].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"source is not UTF-8: {exc}") from None
+    return header, source, body[source_len:]
+
+
+# --------------------------------------------------------------------------- threads
+
+
+class Capture(threading.Thread):
+    """Reads one output pipe to EOF, keeping the first ``limit`` bytes and counting the rest."""
+
+    def __init__(self, fd: int, limit: int) -> None:
+        super().__init__(daemon=True)
+        self.fd = fd
+        self.limit = limit
+        self.data = bytearray()
+        self.total = 0
+
+    def run(self) -> None:
+        try:
+            while chunk := os.read(self.fd, CHUNK):
+                room = self.limit - len(self.data)
+                if room > 0:
+                    self.data += chunk[:room]
+                self.total += len(chunk)
+        finally:
+            os.close(self.fd)
+
+
+class Feeder(threading.Thread):
+    """Writes the program's stdin into its pipe, then closes it (EOF for the program)."""
+
+    def __init__(self, fd: int, data: bytes) -> None:
+        super().__init__(daemon=True)
+        self.fd = fd
+        self.data = data
+
+    def run(self) -> None:
+        view = memoryview(self.data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError:
+            pass  # the program exited or closed stdin: the rest is not wanted
+        finally:
+            os.close(self.fd)
+
+
+class Reaper(threading.Thread):
+    """Waits for every child of PID 1, recording the program's status when it ends.
+
+    Started before the program is spawned (a fork bomb could exhaust the pids limit and leave
+    no room for a new thread later); it blocks until ``watch`` names the program's pid.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.main_pid = 0
+        self.main_status: int | None = None
+        self.main_done = threading.Event()
+        self.all_done = threading.Event()
+        self._go = threading.Event()
+
+    def watch(self, pid: int) -> None:
+        self.main_pid = pid
+        self._go.set()
+
+    def run(self) -> None:
+        self._go.wait()
+        while True:
+            try:
+                pid, status, _ = os.wait4(-1, 0)
+            except ChildProcessError:
+                break  # no children left at all
+            except InterruptedError:
+                continue
+            if pid == self.main_pid:
+                self.main_status = status
+                self.main_done.set()
+        self.main_done.set()  # also if the program vanished without a status
+        self.all_done.set()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def harden_self() -> None:
+    """Make PID 1 non-dumpable: /proc/1/* becomes root-owned, unreachable for the program."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    except (OSError, AttributeError):
+        pass  # best effort: the host also checks the frame's nonce
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # only the host (SIGKILL) ends the runner
+
+
+def read_counter(path: str, key: str | None) -> int | None:
+    """An integer from a cgroup file: the whole file, or the value after ``key``."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    if key is None:
+        try:
+            return int(text.strip())
+        except ValueError:
+            return None
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def oom_counters() -> dict[str, int]:
+    """Snapshot of every visible OOM-related counter of this container's memory cgroup."""
+    found: dict[str, int] = {}
+    for path in OOM_COUNTER_FILES:
+        value = read_counter(path, "oom_kill")
+        if value is not None:
+            found[path] = value
+    failcnt = read_counter(FAILCNT_FILE, None)
+    if failcnt is not None:
+        found[FAILCNT_FILE] = failcnt
+    return found
+
+
+def judge_oom(before: dict[str, int], after: dict[str, int], killed_by_kill: bool) -> list[str]:
+    """Evidence that the OOM killer struck during this run; empty list when there is none.
+
+    An oom_kill counter that went up is proof. Without one (v1 kernels before 4.13), a
+    SIGKILL the runner did not send plus a memory.failcnt that went up is the best signal.
+    With no counters at all (gVisor shows no cgroupfs) nothing is claimed here: a SIGKILL
+    alone may be the program's own doing, and gVisor's memory limit is enforced on the
+    whole sandbox from outside, which the host sees as the container's exit 137.
+    """
+    evidence = []
+    kill_counters = [p for p in after if p != FAILCNT_FILE]
+    for path in kill_counters:
+        delta = after[path] - before.get(path, 0)
+        if delta > 0:
+            evidence.append(f"{os.path.basename(path)}:oom_kill+{delta}")
+    if evidence or kill_counters or not killed_by_kill or FAILCNT_FILE not in after:
+        return evidence
+    delta = after[FAILCNT_FILE] - before.get(FAILCNT_FILE, 0)
+    return [f"sigkill+failcnt+{delta}"] if delta > 0 else []
+
+
+def kill_everything() -> None:
+    """SIGKILL every process of the namespace except PID 1, until none is left to signal."""
+    for _ in range(200):
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # nothing left to signal
+        except PermissionError:
+            return
+        time.sleep(0.005)
+
+
+def raise_oom_score(pid: int) -> None:
+    """Prefer the program (and its descendants, which inherit it) as the OOM victim."""
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------- run
+
+
+def spawn(language: str, stdin_fd: int, stdout_fd: int, stderr_fd: int) -> int:
+    _, argv = COMMANDS[language]
+    actions = [
+        (os.POSIX_SPAWN_DUP2, stdin_fd, 0),
+        (os.POSIX_SPAWN_DUP2, stdout_fd, 1),
+        (os.POSIX_SPAWN_DUP2, stderr_fd, 2),
+    ]
+    return os.posix_spawn(
+        argv[0], argv, CHILD_ENV, file_actions=actions, setsid=True, setsigdef=RESET_SIGNALS
+    )
+
+
+def run_program(header: dict, source: str, stdin: bytes) -> dict:
+    filename, _ = COMMANDS[header["language"]]
+    os.chdir(WORKDIR)
+    with open(filename, "w", encoding="utf-8") as f:
+        f.write(source)
+
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    limit = header["output_bytes"]
+    out, err = Capture(out_r, limit), Capture(err_r, limit)
+    feeder, reaper = Feeder(in_w, stdin), Reaper()
+    for thread in (out, err, feeder, reaper):
+        thread.start()
+
+    if header.get("max_procs"):
+        # Inherited by the program; the runner's own threads already exist.
+        limit_procs = header["max_procs"]
+        resource.setrlimit(resource.RLIMIT_NPROC, (limit_procs, limit_procs))
+    before = oom_counters()
+    started = time.monotonic()
+    try:
+        pid = spawn(header["language"], in_r, out_w, err_w)
+    finally:
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)  # the program holds its own copies now
+    raise_oom_score(pid)
+    reaper.watch(pid)
+
+    timed_out = not reaper.main_done.wait(header["timeout_s"])
+    if timed_out:
+        kill_everything()
+        reaper.main_done.wait(DRAIN_TIMEOUT_S)
+    wall_ms = int((time.monotonic() - started) * 1000)
+    kill_everything()  # background leftovers would keep the pipes open
+    for thread in (out, err, reaper):
+        thread.join(DRAIN_TIMEOUT_S)
+
+    return build_result(header, reaper.main_status, timed_out, before, out, err, wall_ms)
+
+
+def build_result(
+    header: dict,
+    status: int | None,
+    timed_out: bool,
+    before: dict[str, int],
+    out: Capture,
+    err: Capture,
+    wall_ms: int,
+) -> dict:
+    exit_code = signo = None
+    if status is not None:
+        if os.WIFEXITED(status):
+            exit_code = os.WEXITSTATUS(status)
+        elif os.WIFSIGNALED(status):
+            signo = os.WTERMSIG(status)
+    killed = signo == signal.SIGKILL and not timed_out
+    evidence = judge_oom(before, oom_counters(), killed)
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "v": PROTOCOL_VERSION,
+        "nonce": header.get("nonce"),
+        "ok": True,
+        "exit_code": exit_code,
+        "signal": signo,
+        "timed_out": timed_out,
+        "oom_killed": bool(evidence),
+        "oom_evidence": evidence,
+        "stdout_b64": base64.b64encode(out.data).decode("ascii"),
+        "stderr_b64": base64.b64encode(err.data).decode("ascii"),
+        "stdout_bytes": out.total,
+        "stderr_bytes": err.total,
+        "stdout_truncated": out.total > len(out.data),
+        "stderr_truncated": err.total > len(err.data),
+        "usage": {
+            "utime_s": round(ru.ru_utime, 6),
+            "stime_s": round(ru.ru_stime, 6),
+            "maxrss_kb": ru.ru_maxrss,
+            "wall_ms": wall_ms,
+        },
+    }
+
+
+def emit(frame: dict) -> None:
+    # The leading newline ends any partial line that reached our stdout before (gVisor lets
+    # a same-uid program open /proc/1/fd/1 despite PR_SET_DUMPABLE); every program process
+    # is dead by now, so nothing can follow the frame.
+    line = b"\n" + json.dumps(frame, separators=(",", ":")).encode("ascii") + b"\n"
+    view = memoryview(line)
+    while view:
+        view = view[os.write(1, view) :]
+
+
+def main() -> int:
+    harden_self()
+    raw = sys.stdin.buffer.read()  # the whole request, until the host closes stdin
+    try:
+        header, source, stdin = parse_request(raw)
+    except BadRequest as exc:
+        emit({"v": PROTOCOL_VERSION, "nonce": None, "ok": False, "error": str(exc)})
+        return 2  # nothing ran, so this refusal is the only line of output
+    emit(run_program(header, source, stdin))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""`actionfleet up / status / batch / down` as a user runs them, in real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TEST_POLICY, code_action
+
+
+def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def running_fleet(
+    sandbox_image: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[dict[str, str], subprocess.Popen[bytes], Path]]:
+    from tests.services import require
+    import shutil
+
+    require(shutil.which("redis-server") is not None, "redis-server")
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACTIONFLEET_")}
+    env |= {"ACTIONFLEET_HOME": str(home), "ACTIONFLEET_POLICY": str(TEST_POLICY),
+            "PYTHONPATH": str(ROOT)}
+    log = (home / "up.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "up"], env=env, cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT)
+    fleet_file = home / "fleet.json"
+    deadline = time.monotonic() + 120
+    while not fleet_file.exists():
+        assert proc.poll() is None, (home / "up.log").read_text()
+        assert time.monotonic() < deadline, (home / "up.log").read_text()
+        time.sleep(0.2)
+    yield env, proc, home
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(60)
+    log.close()
+
+
+def test_status_reports_workers_and_queues(running_fleet) -> None:
+    env, proc, home = running_fleet
+    out = _cli(env, "status")
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["broker"] == "ok"
+    assert status["fleet"]["pid"] == proc.pid
+    (queues,) = status["workers"].values()
+    assert queues == ["actions.code"]
+    assert status["queues"]["actions.code"] == 0
+
+
+def test_batch_keeps_input_order_and_summarizes(running_fleet, tmp_path: Path) -> None:
+    env, _, _ = running_fleet
+    lines = [
+        json.dumps(code_action("import time; time.sleep(0.5); print('first')")),
+        "{this is not json",
+        json.dumps(code_action("print('third')")),
+        json.dumps(code_action("print(1)", memory_mb=4096)),
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out_file = tmp_path / "out.jsonl"
+    out = _cli(env, "batch", str(src), "--out", str(out_file), "--timeout", "90")
+    assert out.returncode == 1  # not all succeeded
+    results = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["status"] for r in results] == ["succeeded", "invalid", "succeeded", "denied"]
+    assert results[0]["output"]["stdout"] == "first\n"
+    assert results[2]["output"]["stdout"] == "third\n"
+    assert "4/4" in out.stderr and '"succeeded": 2' in out.stderr
+
+
+def test_down_stops_the_fleet(running_fleet) -> None:
+    env, proc, home = running_fleet
+    out = _cli(env, "down")
+    assert out.returncode == 0, out.stderr
+    assert proc.wait(30) == 0
+    assert not (home / "fleet.json").exists()
+    assert _cli(env, "status").returncode != 0
+    assert _cli(env, "down").returncode != 0  # nothing left to stop
