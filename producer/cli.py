@@ -327,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=cmd_worker)
 
+    from audit.cli import add_audit_parser
+
+    add_audit_parser(sub)
+
     p = sub.add_parser("sandbox", help="build the sandbox image; reap leftover containers")
     ssub = p.add_subparsers(dest="sandbox_cmd", required=True, metavar="SUBCOMMAND")
     b = ssub.add_parser("build", help="build the sandbox image without a registry")

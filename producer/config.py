@@ -28,6 +28,18 @@ class Settings(BaseSettings):
     policy: Path | None = Field(None, description="YAML policy file; default: built-in profile")
     clickhouse_dsn: str = Field("", description="chdb:///path or http(s)://host:8123")
 
+    audit_stream: str = Field("actionfleet:audit", description="Redis stream of audit events")
+    audit_retention_days: int = Field(365, ge=1, description="ClickHouse TTL of audit rows")
+    audit_batch_size: int = Field(10_000, ge=1, description="ingester flushes at this many")
+    audit_batch_age_s: float = Field(1.0, gt=0, description="... or when a batch is this old")
+    audit_claim_idle_s: float = Field(60.0, gt=0, description="claim a dead ingester's entries")
+    audit_preview_bytes: int = Field(4_096, ge=0, description="cap of input/output previews")
+    audit_sensitive_fields: str = Field(
+        "password,passwd,authorization,token,secret,api_key,apikey,cookie,private_key,credentials",
+        description="comma-separated field names whose values are never written",
+    )
+    audit_spool_dir: Path | None = Field(None, description="default: <home>/audit-spool")
+
     sandbox_runtime: Literal["runc", "runsc"] = Field("runc", description="OCI runtime")
     sandbox_image: str | None = Field(None, description="override the built sandbox image tag")
     debian_mirror: str = Field("http://deb.debian.org/debian", description="for sandbox build")

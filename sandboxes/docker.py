@@ -51,6 +51,7 @@ from docker.types import LogConfig, Ulimit
 
 from producer.config import get_settings
 from producer.errors import SandboxError
+from producer.procs import pid_alive
 from sandboxes.base import Limits, RunOutcome, RunSpec, Runtime, Usage
 from sandboxes.image import ensure_image
 
@@ -145,22 +146,6 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    # A killed worker whose parent died too lingers as a zombie until init reaps it.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rpartition(b")")[2].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in (b"Z", b"X")
-
-
 def list_sandbox_containers(client: docker.DockerClient) -> list[dict[str, Any]]:
     """Every ActionFleet sandbox container the engine has, running or not (API dicts)."""
     return client.api.containers(all=True, filters=SANDBOX_FILTER)
@@ -175,7 +160,7 @@ def _is_stale(labels: dict[str, str], now: float, host: str) -> bool:
         return True  # a sandbox label we cannot read is nobody's live run
     owner_host, _, owner_pid = labels.get(LABEL_OWNER, "").rpartition(":")
     if owner_host == host and owner_pid.isdigit():
-        return not _pid_alive(int(owner_pid))
+        return not pid_alive(int(owner_pid))
     return False
 
 

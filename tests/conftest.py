@@ -45,8 +45,19 @@ def start_redis(tmp: Path, *, appendonly: bool = False) -> RedisServer:
     assert exe is not None
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
-    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp),
-            "--appendonly", "yes" if appendonly else "no"]
+    argv = [
+        exe,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--dir",
+        str(tmp),
+        "--appendonly",
+        "yes" if appendonly else "no",
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = RedisServer(port, proc, tmp)
     deadline = time.monotonic() + 10
@@ -123,11 +134,29 @@ def start_worker(
     home.mkdir(parents=True, exist_ok=True)
     log = home / f"{name.split('@')[0]}.log"
     env = worker_env(broker_url, home, **extra)
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
-            "-n", name, "--concurrency", str(concurrency), "--loglevel", "INFO",
-            "--without-mingle", "--without-gossip", "--logfile", str(log)]
-    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT)
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "worker",
+        "-Q",
+        queues,
+        "-n",
+        name,
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+        "--logfile",
+        str(log),
+    ]
+    proc = subprocess.Popen(
+        argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
     worker = Worker(name, env, log, proc, queues.split(","))
     wait_for_worker(worker, broker_url)
     return worker

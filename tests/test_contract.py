@@ -126,7 +126,9 @@ def test_cli_submit_invalid_exits_2_without_a_broker(tmp_path) -> None:
     env = {"PATH": "/usr/bin:/bin", "ACTIONFLEET_HOME": str(tmp_path)}
     raw = json.dumps(code_action("print(1)", memory_mb=10**7))
     out = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "submit", raw], capture_output=True, text=True,
+        [sys.executable, "-m", "producer.cli", "submit", raw],
+        capture_output=True,
+        text=True,
         env=env,
     )
     assert out.returncode == 2, out.stderr

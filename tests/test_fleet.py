@@ -73,11 +73,16 @@ def test_round_trip_through_client(client: ActionClient, fleet: tuple[str, Worke
 
 
 def test_round_trip_through_cli_submit(fleet: tuple[str, Worker], tmp_path: Path) -> None:
-    url, worker = fleet
+    _url, worker = fleet
     action = json.dumps(code_action("print(sum(range(10)))"))
     out = subprocess.run(
         [sys.executable, "-m", "producer.cli", "submit", "-", "--timeout", "60"],
-        input=action, capture_output=True, text=True, cwd=ROOT, env=worker.env, timeout=90,
+        input=action,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=worker.env,
+        timeout=90,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
@@ -87,7 +92,11 @@ def test_round_trip_through_cli_submit(fleet: tuple[str, Worker], tmp_path: Path
     failing = json.dumps(code_action("while True: pass", timeout_s=1))
     out = subprocess.run(
         [sys.executable, "-m", "producer.cli", "submit", failing, "--timeout", "60"],
-        capture_output=True, text=True, cwd=ROOT, env=worker.env, timeout=90,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=worker.env,
+        timeout=90,
     )
     assert out.returncode == 1 and json.loads(out.stdout)["status"] == "timed_out"
 
@@ -104,11 +113,21 @@ def test_round_trip_through_cli_submit(fleet: tuple[str, Worker], tmp_path: Path
         code_action("print(1)", memory_mb=1 << 30),
         {"primitive": "browse", "tenant_id": "a", "agent_id": "b", "payload": {"url": "x"}},
     ],
-    ids=["missing", "wrong-type", "unknown-primitive", "unknown-field", "oversized-source",
-         "absurd-timeout", "absurd-memory", "no-executor-yet"],
+    ids=[
+        "missing",
+        "wrong-type",
+        "unknown-primitive",
+        "unknown-field",
+        "oversized-source",
+        "absurd-timeout",
+        "absurd-memory",
+        "no-executor-yet",
+    ],
 )
 def test_invalid_messages_never_reach_the_broker(
-    raw: dict, redis_server: RedisServer, make_client: Callable[[str], ActionClient],
+    raw: dict,
+    redis_server: RedisServer,
+    make_client: Callable[[str], ActionClient],
     tmp_path: Path,
 ) -> None:
     # A database no worker reads: anything sent would still be sitting there.
@@ -121,11 +140,19 @@ def test_invalid_messages_never_reach_the_broker(
     with pytest.raises(InvalidAction):
         client.submit_many([code_action("print(1)"), raw])
 
-    env = {"PATH": "/usr/bin:/bin", "ACTIONFLEET_BROKER_URL": redis_server.url(db),
-           "ACTIONFLEET_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "ACTIONFLEET_BROKER_URL": redis_server.url(db),
+        "ACTIONFLEET_HOME": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+    }
     out = subprocess.run(
         [sys.executable, "-m", "producer.cli", "submit", "-"],
-        input=json.dumps(raw), capture_output=True, text=True, env=env, timeout=60,
+        input=json.dumps(raw),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert out.returncode == 2, out
     assert json.loads(out.stdout)["error"]["details"]["errors"]
@@ -142,8 +169,9 @@ def test_infinite_loop_times_out_and_its_container_is_gone(
     client: ActionClient, docker_client
 ) -> None:
     timeout = 2.0
-    handle = client.submit(code_action("print('start', flush=True)\nwhile True: pass",
-                                       timeout_s=timeout))
+    handle = client.submit(
+        code_action("print('start', flush=True)\nwhile True: pass", timeout_s=timeout)
+    )
     result = handle.result(timeout=60)
     assert result.status == "timed_out"
     assert result.error is not None and result.error.type == "timeout"
@@ -222,7 +250,9 @@ def test_code_has_no_network(client: ActionClient, loopback_server) -> None:
 
 
 def test_actions_cannot_see_each_others_files(client: ActionClient) -> None:
-    write = "open('/work/secret.txt','w').write('s1'); open('/tmp/t.txt','w').write('t'); print('ok')"
+    write = (
+        "open('/work/secret.txt', 'w').write('s1')\nopen('/tmp/t.txt', 'w').write('t')\nprint('ok')"
+    )
     first = client.run(code_action(write), timeout=60)
     assert first.status == "succeeded" and first.output is not None
     assert first.output["stdout"] == "ok\n"
@@ -270,8 +300,11 @@ def test_sigkill_of_worker_process_redelivers(
     try:
         client = make_client(url)
         handle = client.submit(code_action("import time; time.sleep(3); print('done')"))
-        _wait_for(lambda: bool(_containers_of(docker_client, handle.action_id)), 30,
-                  "the action's container")
+        _wait_for(
+            lambda: bool(_containers_of(docker_client, handle.action_id)),
+            30,
+            "the action's container",
+        )
         (child,) = worker.pool_pids()
         subprocess.run(["kill", "-9", str(child)], check=True)
         result = handle.result(timeout=90)
@@ -296,8 +329,11 @@ def test_sigkill_of_whole_worker_redelivers_to_next_worker(
     client = make_client(url)
     handle = client.submit(code_action("import time; time.sleep(4); print('done')"))
     try:
-        _wait_for(lambda: bool(_containers_of(docker_client, handle.action_id)), 30,
-                  "the action's container")
+        _wait_for(
+            lambda: bool(_containers_of(docker_client, handle.action_id)),
+            30,
+            "the action's container",
+        )
         for pid in [*first.pool_pids(), first.proc.pid]:
             subprocess.run(["kill", "-9", str(pid)], check=False)
         first.proc.wait(10)

@@ -65,8 +65,19 @@ def get_pipeline() -> Pipeline:
     global _pipeline
     with _pipeline_lock:
         if _pipeline is None:
+            from audit.config import audit_settings
+            from audit.emitter import AuditMiddleware
+
+            a = audit_settings(settings)
+            audit = AuditMiddleware(
+                settings.resolved_broker_url() or DEFAULT_BROKER,
+                stream=a.stream,
+                spool_dir=a.resolved_spool_dir,
+                sensitive_fields=a.sensitive_fields,
+                preview_bytes=a.preview_bytes,
+            )
             policy = PolicyEngine(settings.policy)
-            _pipeline = Pipeline(policy, ExecutorRegistry(settings), [LogMiddleware()])
+            _pipeline = Pipeline(policy, ExecutorRegistry(settings), [LogMiddleware(), audit])
         return _pipeline
 
 

@@ -146,4 +146,7 @@ def _run_batch() -> int:
     counts = Counter(r[2] for r in rows)
     ok = all(r[1] == r[2] for r in rows)
     print("\nsummary: " + json.dumps({"actions": len(rows), **counts, "as_expected": ok}))
+    from audit.reports import demo_summary
+
+    print("\n" + demo_summary(timeout_s=30, tenant_id="demo"))
     return 0 if ok else 1

@@ -25,6 +25,7 @@ from typing import Any
 from producer.config import Settings
 from producer.errors import FleetUnavailable
 from producer.models import queue_for
+from producer.procs import pid_alive
 from producer.transport import REDIS_PRIORITY_SEP, REDIS_PRIORITY_STEPS
 
 __all__ = ["Fleet", "fleet_status", "free_port", "queue_depths", "read_fleet_file", "stop_fleet"]
@@ -43,16 +44,6 @@ def read_fleet_file(settings: Settings) -> dict[str, Any] | None:
         return json.loads(settings.fleet_file().read_text())
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def queue_depths(redis_client: Any, primitives: list[str]) -> dict[str, int]:
@@ -105,16 +96,16 @@ def fleet_status(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
 def stop_fleet(settings: Settings, timeout: float = 60.0) -> bool:
     """SIGTERM the ``up`` process of this home and wait for it. False if none ran."""
     info = read_fleet_file(settings)
-    if not info or not _alive(int(info["pid"])):
+    if not info or not pid_alive(int(info["pid"])):
         with contextlib.suppress(OSError):
             settings.fleet_file().unlink()
         return False
     pid = int(info["pid"])
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(pid):
+    if pid_alive(pid):
         os.kill(pid, signal.SIGKILL)
     return True
 
@@ -148,6 +139,7 @@ class Fleet:
     say: Say = print
     children: list[_Child] = field(default_factory=list)
     redis: _Child | None = None
+    ingester: _Child | None = None
     broker_url: str = ""
     _stopping: bool = False
 
@@ -192,10 +184,20 @@ class Fleet:
         except redis.RedisError:
             return False
 
-    def _worker(self, primitive: str) -> _Child:
+    def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["ACTIONFLEET_BROKER_URL"] = self.broker_url
         env["ACTIONFLEET_HOME"] = str(self.settings.home.resolve())
+        return env
+
+    def _ingester(self) -> _Child:
+        """The audit ingester: the only process that opens the (embedded) audit store."""
+        argv = [sys.executable, "-m", "audit.ingester"]
+        log = self.settings.home / "logs" / "audit-ingester.log"
+        return _Child("audit-ingester", argv, log, self._child_env())
+
+    def _worker(self, primitive: str) -> _Child:
+        env = self._child_env()
         name = f"{primitive}.{os.getpid()}@{socket.gethostname()}"
         argv = [
             sys.executable,
@@ -241,13 +243,16 @@ class Fleet:
         home = self.settings.home
         home.mkdir(parents=True, exist_ok=True)
         running = read_fleet_file(self.settings)
-        if running and _alive(int(running["pid"])) and int(running["pid"]) != os.getpid():
+        if running and pid_alive(int(running["pid"])) and int(running["pid"]) != os.getpid():
             raise FleetUnavailable(
                 f"a fleet already runs from {home} (pid {running['pid']}); "
                 "use `actionfleet down` first or another ACTIONFLEET_HOME"
             )
         self.broker_url = self.settings.broker_url or self._start_redis()
         self.say(f"broker: {self.broker_url}")
+        self.ingester = self._ingester()
+        self.ingester.start()
+        self.say(f"audit ingester started (log {self.ingester.log})")
         for p in self.primitives:
             child = self._worker(p)
             child.start()
@@ -274,7 +279,7 @@ class Fleet:
     def supervise(self) -> None:
         """Block until SIGINT/SIGTERM; restart a worker that died meanwhile."""
         while not self._stopping:
-            for child in self.children:
+            for child in [*self.children, *([self.ingester] if self.ingester else [])]:
                 if child.proc is not None and child.proc.poll() is not None:
                     child.restarts += 1
                     self.say(f"worker {child.name} exited ({child.proc.returncode}); restarting")
@@ -298,6 +303,7 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 os.killpg(child.proc.pid, signal.SIGKILL)
                 child.proc.wait()
+        self._stop_ingester()
         if self.redis and self.redis.proc and self.redis.proc.poll() is None:
             self.redis.proc.terminate()
             try:
@@ -309,6 +315,23 @@ class Fleet:
             with contextlib.suppress(OSError):
                 self.settings.fleet_file().unlink()
         self.say("fleet stopped")
+
+    def _stop_ingester(self) -> None:
+        ingester = self.ingester
+        if not ingester or not ingester.proc or ingester.proc.poll() is not None:
+            return
+        # The fleet's own Redis keeps nothing on disk: let the ingester drain it first.
+        if self.broker_url and self.redis is not None:
+            from audit.reports import wait_until_ingested
+
+            if not wait_until_ingested(self.broker_url, self.settings.audit_stream, 30):
+                self.say("warning: audit events still in the stream after 30 s")
+        ingester.proc.send_signal(signal.SIGTERM)
+        try:
+            ingester.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            ingester.proc.kill()
+            ingester.proc.wait()
 
     def run_forever(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)

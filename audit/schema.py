@@ -1,0 +1,214 @@
+"""The audit event's fields and the ClickHouse schema, versioned.
+
+One stream entry carries one event as a single JSON object whose keys are exactly the
+``audit_events`` column names, so the ingester can hand a batch to ClickHouse as
+``JSONEachRow`` without decoding it in Python (the fast path; see ``audit.ingester``).
+``action_results`` is filled by a materialized view from ``finished`` events, inside the
+same INSERT, so both tables share one insert deduplication token and one retry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "DATABASE",
+    "EVENT_COLUMNS",
+    "MIGRATIONS",
+    "OTEL_ALIASES",
+    "RESULTS_SELECT",
+    "SCHEMA_VERSION",
+    "STAGES",
+    "Migration",
+]
+
+DATABASE = "actionfleet"
+SCHEMA_VERSION = 1  # of the event payload; bumped when a field changes meaning
+STAGES = ("received", "policy", "started", "finished", "retried", "dead_lettered")
+
+# name -> Python type the emitter writes (the ingester's slow-path validator checks these).
+EVENT_COLUMNS: dict[str, type] = {
+    "event_id": str,  # UUIDv7: time-ordered
+    "event_time": str,  # "YYYY-MM-DD hh:mm:ss.ffffff", UTC
+    "schema_version": int,
+    "stage": str,
+    "status": str,
+    "action_id": str,
+    "idempotency_key": str,
+    "attempt": int,
+    "tenant_id": str,
+    "agent_id": str,
+    "user_id": str,
+    "primitive": str,
+    "operation": str,
+    "queue": str,
+    "worker_host": str,
+    "sandbox_id": str,
+    "trace_id": str,
+    "duration_ms": int,
+    "error_type": str,
+    "error_message": str,
+    "retryable": bool,
+    "policy_decision": str,
+    "policy_reason": str,
+    "input_preview": str,
+    "input_sha256": str,
+    "input_bytes": int,
+    "input_truncated": bool,
+    "output_preview": str,
+    "output_sha256": str,
+    "output_bytes": int,
+    "output_truncated": bool,
+    "cpu_time_ms": int,
+    "peak_memory_bytes": int,
+    "bytes_in": int,
+    "bytes_out": int,
+    "cost_units": float,
+    "labels": dict,
+}
+
+# OpenTelemetry names (gen_ai tool-execution spans, general attributes) as ALIAS columns:
+# queries can use either spelling, storage holds one.
+OTEL_ALIASES: dict[str, str] = {
+    "gen_ai.operation.name": "'execute_tool'",
+    "gen_ai.tool.name": "primitive",
+    "gen_ai.tool.call.id": "action_id",
+    "gen_ai.agent.id": "agent_id",
+    "error.type": "error_type",
+    "user.id": "user_id",
+    "host.name": "worker_host",
+    "container.id": "sandbox_id",
+    "messaging.destination.name": "queue",
+}
+
+_LC = "LowCardinality(String)"
+_Z = "CODEC(ZSTD(1))"
+_COMMON = f"""
+    action_id String {_Z},
+    idempotency_key String {_Z},
+    attempt UInt16,
+    tenant_id {_LC},
+    agent_id {_LC},
+    user_id String {_Z},
+    primitive {_LC},
+    operation {_LC},
+    queue {_LC},
+    worker_host {_LC},
+    sandbox_id String {_Z},
+    trace_id String {_Z},
+    duration_ms UInt32 CODEC(T64, ZSTD(1)),
+    error_type {_LC},
+    error_message String {_Z},
+    retryable Bool,
+    policy_decision {_LC},
+    policy_reason String {_Z},
+    input_preview String CODEC(ZSTD(3)),
+    input_sha256 String {_Z},
+    input_bytes UInt64 CODEC(T64, ZSTD(1)),
+    input_truncated Bool,
+    output_preview String CODEC(ZSTD(3)),
+    output_sha256 String {_Z},
+    output_bytes UInt64 CODEC(T64, ZSTD(1)),
+    output_truncated Bool,
+    cpu_time_ms UInt64 CODEC(T64, ZSTD(1)),
+    peak_memory_bytes UInt64 CODEC(T64, ZSTD(1)),
+    bytes_in UInt64 CODEC(T64, ZSTD(1)),
+    bytes_out UInt64 CODEC(T64, ZSTD(1)),
+    cost_units Float64 CODEC(Gorilla, ZSTD(1)),
+    labels Map(LowCardinality(String), String) {_Z},
+    schema_version UInt16"""
+
+
+def _aliases() -> str:
+    return ",\n".join(f"    `{name}` String ALIAS {expr}" for name, expr in OTEL_ALIASES.items())
+
+
+def _stage_list() -> str:
+    return ", ".join(f"'{s}'" for s in STAGES)
+
+
+# Dedup window: a retried batch must still be recognised after this many later inserts.
+# At 10k-row batches this covers far more than any claim delay of a dead ingester.
+_DEDUP = "non_replicated_deduplication_window = 10000"
+
+_EVENTS_V1 = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.audit_events (
+    event_id UUID,
+    event_time DateTime64(6, 'UTC') CODEC(Delta, ZSTD(1)),
+    stage {_LC},
+    status {_LC},
+{_COMMON},
+    ingested_at DateTime64(3, 'UTC') DEFAULT now64(3) CODEC(Delta, ZSTD(1)),
+{_aliases()},
+    INDEX idx_action action_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_event event_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    CONSTRAINT c_stage CHECK stage IN ({_stage_list()}),
+    CONSTRAINT c_event_id CHECK event_id != toUUID('00000000-0000-0000-0000-000000000000'),
+    CONSTRAINT c_version CHECK schema_version >= 1
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(event_time)
+ORDER BY (tenant_id, event_time, action_id)
+TTL toDateTime(event_time) + INTERVAL {{retention_days}} DAY
+SETTINGS {_DEDUP}, ttl_only_drop_parts = 1
+"""
+
+_RESULTS_V1 = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.action_results (
+    event_id UUID,
+    finished_at DateTime64(6, 'UTC') CODEC(Delta, ZSTD(1)),
+    started_at DateTime64(6, 'UTC') CODEC(Delta, ZSTD(1)),
+    status {_LC},
+{_COMMON},
+{_aliases()},
+    INDEX idx_action action_id TYPE bloom_filter(0.01) GRANULARITY 4
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(finished_at)
+ORDER BY (tenant_id, finished_at, action_id)
+TTL toDateTime(finished_at) + INTERVAL {{retention_days}} DAY
+SETTINGS {_DEDUP}, ttl_only_drop_parts = 1
+"""
+
+_RESULT_COLUMNS = [c.strip().split()[0] for c in _COMMON.strip().split(",\n")]
+
+# The row of ``action_results`` built from a ``finished`` row of ``audit_events``: used by
+# the materialized view, and by the ingester to repair a results row an ingester killed
+# between the two tables' writes of one INSERT left missing.
+RESULTS_SELECT = f"""SELECT
+    event_id,
+    event_time AS finished_at,
+    event_time - toIntervalMillisecond(duration_ms) AS started_at,
+    status,
+    {", ".join(_RESULT_COLUMNS)}
+FROM {DATABASE}.audit_events
+WHERE stage = 'finished'"""
+
+_RESULTS_MV_V1 = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.action_results_mv TO {DATABASE}.action_results
+AS {RESULTS_SELECT}
+"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1, "audit_events, action_results, results view", (_EVENTS_V1, _RESULTS_V1, _RESULTS_MV_V1)
+    ),
+)
+
+MIGRATIONS_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.schema_migrations (
+    version UInt32,
+    name String,
+    applied_at DateTime('UTC') DEFAULT now()
+) ENGINE = MergeTree ORDER BY version
+"""
+
+TTL_TABLES = {"audit_events": "event_time", "action_results": "finished_at"}

@@ -1,0 +1,200 @@
+"""Shared pieces for the audit tests: a real pipeline feeding the real AuditMiddleware.
+
+The pipeline, policy engine, ActionContext and ActionResult are the production ones; only
+the executor is scripted (no Docker here): the action's ``source`` says what happens, so a
+test can make an action succeed, fail, time out or leak a secret on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from audit.config import DEAD_STREAM, GROUP, STREAM
+from audit.emitter import AuditMiddleware
+from producer.errors import ActionTimeout, ResourceExhausted
+from tests.conftest import TEST_POLICY, RedisServer, start_redis
+from tests.services import require
+from workers.middleware import ActionContext
+from workers.pipeline import Pipeline
+from workers.policy import PolicyEngine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+__all__ = [
+    "ROOT",
+    "SECRETS",
+    "IngesterProcess",
+    "ScriptedExecutor",
+    "action",
+    "chdb_available",
+    "make_pipeline",
+    "run_action",
+]
+
+
+def chdb_available() -> None:
+    try:
+        import chdb  # noqa: F401
+        import clickhouse_connect  # noqa: F401
+    except ImportError:
+        require(False, "chdb + clickhouse-connect (pip install actionfleet[audit])")
+
+
+SECRETS = {"github": "ghp_S3cr3tValue-that-must-never-be-stored"}
+
+
+class ScriptedExecutor:
+    """Does what the action's source says: ok, fail, timeout, crash, leak:<secret>."""
+
+    primitive = "code"
+
+    def execute(self, action: Any, grant: Any, ctx: ActionContext) -> dict[str, Any]:
+        src = action.payload.source
+        ctx.sandbox_id = "sbx-" + action.action_id[:8]
+        usage = {"wall_ms": 5, "cpu_user_s": 0.25, "cpu_system_s": 0.05, "max_rss_kb": 2048}
+        if src.startswith("leak:"):
+            # Resolve a secret by reference (never in the message), register it as
+            # executors do, and let it leak into the output and the error message.
+            secret = SECRETS[src.split(":", 1)[1]]
+            ctx.extra.setdefault("secrets", []).append(secret)
+            raise ResourceExhausted(
+                f"upstream said: bad credentials {secret}",
+                output={"stdout": f"token={secret}\n", "stderr": "", "usage": usage},
+            )
+        if src == "timeout":
+            raise ActionTimeout(
+                "the program ran longer than its 1s timeout and was killed",
+                output={"stdout": "partial", "stderr": "", "usage": usage},
+                retryable=False,
+            )
+        if src == "fail":
+            raise ResourceExhausted("the program used more than 64 MB and was killed")
+        if src == "crash":
+            raise RuntimeError("bug in the executor")
+        return {"exit_code": 0, "stdout": src, "stderr": "", "usage": usage}
+
+    def close(self) -> None:
+        pass
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self.executor = ScriptedExecutor()
+
+    def supports(self, primitive: str) -> bool:
+        return primitive == "code"
+
+    def get(self, primitive: str) -> ScriptedExecutor:
+        return self.executor
+
+    def close(self) -> None:
+        pass
+
+
+def make_pipeline(middleware: AuditMiddleware) -> Pipeline:
+    return Pipeline(PolicyEngine(TEST_POLICY), _Registry(), [middleware])  # type: ignore[arg-type]
+
+
+def action(source: str = "ok", tenant: str = "acme", **payload: Any) -> dict[str, Any]:
+    return {
+        "primitive": "code",
+        "tenant_id": tenant,
+        "agent_id": "tester",
+        "user_id": "u-1",
+        "action_id": str(uuid.uuid4()),
+        "labels": {"suite": "audit"},
+        "payload": {"language": "python", "source": source, **payload},
+    }
+
+
+def run_action(pipeline: Pipeline, raw: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
+    ctx = ActionContext(
+        primitive=str(raw.get("primitive", "code")),
+        queue="actions.code",
+        worker="test-worker@localhost",
+        attempt=attempt,
+        raw=raw,
+    )
+    return pipeline.run(ctx)
+
+
+@dataclass
+class IngesterProcess:
+    """``python -m audit.ingester`` as a real subprocess (killable with SIGKILL)."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @classmethod
+    def start(cls, redis_url: str, dsn: str, log: Path, *extra: str) -> IngesterProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ACTIONFLEET_")}
+        env["PYTHONPATH"] = str(ROOT)
+        argv = [sys.executable, "-m", "audit.ingester", "--broker", redis_url, "--dsn", dsn, *extra]
+        out = log.open("ab")
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        return cls(proc, log)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return int(self.proc.returncode or 0)
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@contextmanager
+def redis_for_test(tmp: Path) -> Iterator[RedisServer]:
+    server = start_redis(tmp)
+    try:
+        yield server
+    finally:
+        server.proc.terminate()
+        server.proc.wait(10)
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def endpoint(dsn_path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((dsn_path / "actionfleet-query.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+STREAM_KEYS = {"stream": STREAM, "group": GROUP, "dead": DEAD_STREAM}
