@@ -12,10 +12,9 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from producer.client import ActionClient
+from producer.client import SUPPORTED_PRIMITIVES, ActionClient
 from producer.config import get_settings
 from producer.errors import InvalidAction
-from producer.models import PRIMITIVES
 from workers.fleet import fleet_status, read_fleet_file
 
 __all__ = ["run_demo", "sample_actions"]
@@ -29,6 +28,14 @@ def _code(language: str, source: str, **payload: Any) -> dict[str, Any]:
         "user_id": "u-demo",
         "payload": {"language": language, "source": source, **payload},
     }
+
+
+_OTHER_PAYLOADS: dict[str, dict[str, Any]] = {
+    "browse": {"url": "http://127.0.0.1:9/", "extract": ["title"]},
+    "files": {"op": "write", "path": "demo/hello.txt", "content": "hello"},
+    "email": {"to": ["ops@example.com"], "subject": "demo", "text": "hi", "dry_run": True},
+    "api": {"method": "GET", "url": "http://127.0.0.1:9/health"},
+}
 
 
 def sample_actions() -> list[tuple[str, Any, str]]:
@@ -70,15 +77,11 @@ def sample_actions() -> list[tuple[str, Any, str]]:
         ("deadline passed", _code("python", "print(1)") | {"deadline": past}, "expired"),
         ("unknown field", _code("python", "print(1)") | {"colour": "red"}, "invalid"),
     ]
-    for p in PRIMITIVES:
-        if p != "code":  # shown honestly: refused up front until their executors land
-            samples.append(
-                (
-                    f"{p} primitive",
-                    {"primitive": p, "tenant_id": "demo", "agent_id": "demo-agent", "payload": {}},
-                    "invalid",
-                )
-            )
+    for p, payload in _OTHER_PAYLOADS.items():
+        supported = p in SUPPORTED_PRIMITIVES
+        action = {"primitive": p, "tenant_id": "demo", "agent_id": "demo-agent", "payload": payload}
+        # Refused up front (nothing queued) until the primitive's executor lands.
+        samples.append((f"{p} primitive", action, "succeeded" if supported else "invalid"))
     return samples
 
 
