@@ -17,7 +17,6 @@ __all__ = ["EXECUTOR_FACTORIES", "Executor", "ExecutorRegistry"]
 
 def _code(settings: Settings) -> Executor:
     from sandboxes.docker import DockerSandbox
-
     from workers.executors.code import CodeExecutor
 
     return CodeExecutor(DockerSandbox(runtime=settings.sandbox_runtime))
