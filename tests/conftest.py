@@ -20,7 +20,7 @@ from producer.config import Settings
 from tests.services import require
 from workers.fleet import free_port
 
-pytest_plugins = ["tests.fixtures_docker"]
+pytest_plugins = ["tests.fixtures_docker", "tests.tripwire"]
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_POLICY = Path(__file__).parent / "data" / "policy.yaml"

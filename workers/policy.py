@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from producer.errors import PolicyDenied
 from producer.models import PRIMITIVES, Action, CodeAction, Primitive
 from sandboxes.base import Limits
+from workers.egress import EgressPolicy
 
 __all__ = ["CodeLimits", "Grant", "PolicyEngine", "PolicyFile", "TenantPolicy", "load_policy"]
 
@@ -65,6 +66,7 @@ class CodeLimits(_Strict):
 class TenantPolicy(_Strict):
     primitives: list[Primitive] = Field(default_factory=lambda: list(PRIMITIVES))
     code: CodeLimits = Field(default_factory=CodeLimits)
+    egress: EgressPolicy = Field(default_factory=EgressPolicy)
 
 
 class PolicyFile(_Strict):
