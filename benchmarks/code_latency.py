@@ -36,7 +36,7 @@ def main() -> None:
     def cold_docker_run() -> None:
         out = engine.containers.run(
             image,
-            ["python3", "-c", "print(1)"],
+            entrypoint=["python3", "-c", "print(1)"],
             remove=True,
             network_mode="none",
             runtime=args.runtime,
