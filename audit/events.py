@@ -139,6 +139,9 @@ def snapshot(event: Any) -> EventSnapshot:
         "trace_id": ctx.trace_id or "",
     }
     decision, reason = state.get("policy", ("", ""))
+    if event.stage == "finished" and event.decision:
+        # e.g. "duplicate": a redelivery answered from the idempotency record, not a run.
+        decision, reason = event.decision, event.reason or "answered from the stored result"
     result = event.result
     status = event.status or ""
     if event.stage == "policy":

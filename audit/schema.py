@@ -182,7 +182,7 @@ RESULTS_SELECT = f"""SELECT
     status,
     {", ".join(_RESULT_COLUMNS)}
 FROM {DATABASE}.audit_events
-WHERE stage = 'finished'"""
+WHERE stage = 'finished' AND policy_decision != 'duplicate'"""
 
 _RESULTS_MV_V1 = f"""
 CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.action_results_mv TO {DATABASE}.action_results

@@ -191,6 +191,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         _eprint(f"sandbox image: {tag}")
     fleet = Fleet(settings, primitives, concurrency=args.concurrency, say=_eprint)
+    fleet.flower = args.flower
     try:
         fleet.run_forever()
     except FleetUnavailable as exc:
@@ -288,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="run a local fleet in the foreground until Ctrl-C")
     p.add_argument("--concurrency", type=int, default=2, help="processes per worker (2)")
     p.add_argument("--no-image", action="store_true", help="do not build the sandbox image")
+    p.add_argument("--flower", action="store_true", help="also run Flower (basic auth)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("status", help="print the fleet's status as JSON; exit 0 if it answers")
@@ -330,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     from audit.cli import add_audit_parser
 
     add_audit_parser(sub)
+    from workers.ops_cli import add_ops_parser
+
+    add_ops_parser(sub)
+    from workers.deadletter import add_dead_parser
+
+    add_dead_parser(sub)
 
     p = sub.add_parser("sandbox", help="build the sandbox image; reap leftover containers")
     ssub = p.add_subparsers(dest="sandbox_cmd", required=True, metavar="SUBCOMMAND")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from celery import Celery
+from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
@@ -16,11 +17,14 @@ from producer.models import Action, ActionResult, queue_for, task_name_for
 from producer.transport import celery_conf, redis_priority
 from producer.validation import parse_action
 
+READY_STATES = states.READY_STATES
+_POLL_S = 5.0  # how often a long wait double-checks the stored result
+
 __all__ = ["SUPPORTED_PRIMITIVES", "ActionClient", "ActionHandle", "validate_action"]
 
 # Primitives with an executor in this version of the fleet. Sending another one would
 # leave the action waiting on a queue nobody serves, so the client refuses it up front.
-SUPPORTED_PRIMITIVES: tuple[str, ...] = ("code",)
+SUPPORTED_PRIMITIVES: tuple[str, ...] = ("code", "files", "api", "email", "browse")
 
 
 def validate_action(action: Any, primitives: Sequence[str] = SUPPORTED_PRIMITIVES) -> Action:
@@ -45,12 +49,27 @@ class ActionHandle:
 
     def result(self, timeout: float | None = None) -> ActionResult:
         """Wait up to ``timeout`` seconds (None: forever). Raises ``ResultTimeout``."""
-        try:
-            value = self._async.get(timeout=timeout, propagate=False)
-        except CeleryTimeout:
-            raise ResultTimeout(
-                f"no result for action {self.action_id} after {timeout}s; it may still run"
-            ) from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            step = _POLL_S if left is None else min(_POLL_S, left)
+            try:
+                value = self._async.get(timeout=step, propagate=False)
+                break
+            except CeleryTimeout:
+                # The result is announced over pub/sub; a broker restart can drop that
+                # message, so also read the stored result directly before waiting again.
+                try:
+                    meta = self._async.backend.get_task_meta(self._async.id, cache=False)
+                except Exception:  # the broker is down right now: keep waiting
+                    meta = {}
+                if meta.get("status") in READY_STATES:
+                    value = meta.get("result")
+                    break
+                if left is not None and left <= step:
+                    raise ResultTimeout(
+                        f"no result for action {self.action_id} after {timeout}s; it may still run"
+                    ) from None
         if isinstance(value, dict) and "status" in value:
             return ActionResult.model_validate(value)
         # The task itself crashed (it never should: the pipeline catches everything).

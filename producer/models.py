@@ -202,6 +202,11 @@ class _Envelope(_Strict):
     deadline: AwareDatetime | None = None
     priority: int = Field(0, ge=0, le=9)
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
+    on_limit: Literal["defer", "fail"] = Field(
+        "defer",
+        description="over a rate or concurrency limit: wait for a slot (defer) or end "
+        "at once as rate_limited with the wait in error.details (fail)",
+    )
 
     @field_validator("action_id")
     @classmethod

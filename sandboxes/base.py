@@ -10,10 +10,15 @@ everything the program itself does (non-zero exit, timeout, OOM) is reported in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol
 
 Language = Literal["python", "bash"]
 Runtime = Literal["runc", "runsc"]
+WorkspaceMode = Literal["ro", "rw"]
+# The user every sandboxed program runs as; the files primitive gives workspace files to it.
+SANDBOX_UID = 10001
+WORKSPACE_MOUNT = "/workspace"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +43,9 @@ class RunSpec:
     limits: Limits = field(default_factory=Limits)
     network: bool = False  # True only where policy allows; default none
     labels: dict[str, str] = field(default_factory=dict)  # e.g. action_id, tenant_id
+    # A host directory (the tenant's files workspace) bind-mounted at /workspace, read-only
+    # or read-write; None: no mount. The backend keeps every other hardening as is.
+    workspace: tuple[Path, WorkspaceMode] | None = None
 
 
 @dataclass(frozen=True, slots=True)

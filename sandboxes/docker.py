@@ -47,12 +47,20 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import LogConfig, Ulimit
+from docker.types import LogConfig, Mount, Ulimit
 
 from producer.config import get_settings
 from producer.errors import SandboxError
 from producer.procs import pid_alive
-from sandboxes.base import Limits, RunOutcome, RunSpec, Runtime, Usage
+from sandboxes.base import (
+    SANDBOX_UID,
+    WORKSPACE_MOUNT,
+    Limits,
+    RunOutcome,
+    RunSpec,
+    Runtime,
+    Usage,
+)
 from sandboxes.image import ensure_image
 
 __all__ = [
@@ -77,7 +85,6 @@ LABEL_EXPIRES = "actionfleet.expires"
 LABEL_RUNTIME = "actionfleet.runtime"
 SANDBOX_FILTER = {"label": f"{LABEL_SANDBOX}=1"}
 
-SANDBOX_UID = 10001
 # Beyond timeout + grace, how long a container may exist before any process may reap it:
 # covers a slow create/start, sending a large stdin, reading the log and removing.
 EXPIRY_SLACK_S = 60.0
@@ -318,12 +325,13 @@ class DockerSandbox:
         )
         return labels
 
-    def _host_config(self, limits: Limits) -> dict[str, Any]:
+    def _host_config(self, limits: Limits, spec: RunSpec | None = None) -> dict[str, Any]:
         # exec is allowed so `chmod +x x.sh && ./x.sh` works; the program can run arbitrary
         # code anyway. nosuid/nodev are what matter; size bounds memory use of the tmpfs.
         tmpfs_opts = f"rw,nosuid,nodev,exec,size={limits.tmpfs_mb}m,mode=1777"
         memory = f"{limits.memory_mb}m"
         return self._api.create_host_config(
+            mounts=_workspace_mounts(spec),
             network_mode="none",
             read_only=True,
             tmpfs={"/tmp": tmpfs_opts, "/work": tmpfs_opts},
@@ -364,7 +372,7 @@ class DockerSandbox:
                 network_disabled=True,
                 hostname="sandbox",
                 labels=self._labels(spec),
-                host_config=self._host_config(spec.limits),
+                host_config=self._host_config(spec.limits, spec),
             )
         except docker.errors.ImageNotFound as exc:
             raise SandboxError(
@@ -485,6 +493,26 @@ class DockerSandbox:
                 if attempt == 2:
                     log.warning("could not remove sandbox %s: %s", container_id[:12], exc)
                 time.sleep(0.2)
+
+
+def _workspace_mounts(spec: RunSpec | None) -> list[Mount]:
+    """The tenant workspace bind mount, if any. Private propagation: nothing mounted later
+    on the host side appears inside. The directory is the tenant's own (its parent, the
+    workspace root, is never mounted), so the program cannot reach another tenant."""
+    if spec is None or spec.workspace is None:
+        return []
+    source, mode = spec.workspace
+    if not os.path.isabs(source) or not os.path.isdir(source):
+        raise SandboxError(f"workspace {source} is not an existing absolute directory")
+    return [
+        Mount(
+            target=WORKSPACE_MOUNT,
+            source=str(source),
+            type="bind",
+            read_only=mode == "ro",
+            propagation="rprivate",
+        )
+    ]
 
 
 def _b64(text: str | None) -> bytes:

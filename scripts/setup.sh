@@ -10,7 +10,7 @@ mkdir -p "$STATE"
 say() { echo "[setup] $*" >&2; }
 
 # 1. Debian packages -----------------------------------------------------------------
-PKGS=(redis-server docker.io debootstrap runsc python3-venv)
+PKGS=(redis-server docker.io debootstrap runsc python3-venv chromium openssl docker-compose)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

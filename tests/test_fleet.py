@@ -111,7 +111,13 @@ def test_round_trip_through_cli_submit(fleet: tuple[str, Worker], tmp_path: Path
         code_action("x" * 300_000),
         code_action("print(1)", timeout_s=86_400 * 365),
         code_action("print(1)", memory_mb=1 << 30),
-        {"primitive": "browse", "tenant_id": "a", "agent_id": "b", "payload": {"url": "x"}},
+        # Every primitive has an executor now: an invalid browse payload instead.
+        {
+            "primitive": "browse",
+            "tenant_id": "a",
+            "agent_id": "b",
+            "payload": {"url": "x", "extract": ["pdf"]},
+        },
     ],
     ids=[
         "missing",
@@ -121,7 +127,7 @@ def test_round_trip_through_cli_submit(fleet: tuple[str, Worker], tmp_path: Path
         "oversized-source",
         "absurd-timeout",
         "absurd-memory",
-        "no-executor-yet",
+        "browse-bad-extract",
     ],
 )
 def test_invalid_messages_never_reach_the_broker(

@@ -11,6 +11,12 @@ Delivery settings, and why:
   actions behind a busy process while other workers idle.
 - ``visibility_timeout`` (broker transport option): unacked actions of a dead worker *host*
   reappear after it; it must exceed the longest action (checked at start-up).
+- Broker loss: the worker retries the connection forever (``broker_connection_max_retries
+  =None``) and resumes consuming; Redis sockets time out and are health-checked so a
+  half-open connection after a Redis restart is noticed instead of hanging.
+- Re-queues (deferral over a limit, retry after a retryable failure) are
+  ``Task.retry(countdown=...)``: the same message under the same task id, so the agent's
+  handle gets the final result. docs/reliability.md has the details and the traps.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 from typing import Any
 
 from celery import Celery, Task, signals
+from celery.exceptions import Reject, Retry
 from kombu import Queue
 
 from producer.config import get_settings
@@ -32,6 +39,7 @@ from workers.executors import ExecutorRegistry
 from workers.middleware import ActionContext, LogMiddleware
 from workers.pipeline import Pipeline
 from workers.policy import PolicyEngine
+from workers.reliability import Reliability, RetryState
 
 __all__ = ["app", "get_pipeline"]
 
@@ -46,7 +54,12 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     task_acks_on_failure_or_timeout=True,
     worker_prefetch_multiplier=1,
-    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # On a broker connection loss Celery can cancel running actions (True), which writes
+    # a "terminated" failure the agent reads as the final result, and runs the action
+    # again on redelivery. Letting them finish is better here: the result reaches the
+    # backend, and the late redelivery of the unacked message is answered from the
+    # idempotency record instead of running again (docs/reliability.md).
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     task_queues=[Queue(queue_for(p)) for p in PRIMITIVES],
     task_routes={task_name_for(p): {"queue": queue_for(p)} for p in PRIMITIVES},
     # Backstop only: the sandbox enforces each action's own timeout far earlier.
@@ -54,7 +67,28 @@ app.conf.update(
     worker_send_task_events=True,
     task_send_sent_event=True,
     worker_hijack_root_logger=False,
+    # Survive a broker restart: reconnect forever, notice dead sockets (docs/reliability.md).
+    broker_connection_retry=True,
+    broker_connection_max_retries=None,
+    redis_socket_timeout=30.0,
+    redis_socket_connect_timeout=10.0,
+    redis_retry_on_timeout=True,
+    redis_socket_keepalive=True,
+    redis_backend_health_check_interval=10,
+    # Storing a result must outlast a Redis restart: without this, one failed read inside
+    # the store marks a SUCCEEDED action as FAILED(ConnectionError) and acks it.
+    result_backend_always_retry=True,
+    result_backend_max_retries=60,
+    result_backend_max_sleep_between_retries_ms=2_000,
 )
+app.conf.broker_transport_options = {
+    **app.conf.broker_transport_options,
+    "socket_timeout": 30.0,
+    "socket_connect_timeout": 10.0,
+    "socket_keepalive": True,
+    "health_check_interval": 10,
+    "retry_on_timeout": True,
+}
 
 _pipeline: Pipeline | None = None
 _pipeline_lock = threading.Lock()
@@ -77,26 +111,53 @@ def get_pipeline() -> Pipeline:
                 preview_bytes=a.preview_bytes,
             )
             policy = PolicyEngine(settings.policy)
-            _pipeline = Pipeline(policy, ExecutorRegistry(settings), [LogMiddleware(), audit])
+            broker = settings.resolved_broker_url() or DEFAULT_BROKER
+            _pipeline = Pipeline(
+                policy,
+                ExecutorRegistry(settings),
+                [LogMiddleware(), audit],
+                Reliability.from_settings(settings, broker),
+            )
         return _pipeline
 
 
-def _attempt(task: Task) -> int:
+def _attempt(task: Task, state: RetryState) -> int:
+    # Failed attempts so far (deferrals over a limit are not attempts), plus this one.
     delivery = task.request.delivery_info or {}
-    return task.request.retries + 1 + (1 if delivery.get("redelivered") else 0)
+    return len(state.attempts) + 1 + (1 if delivery.get("redelivered") else 0)
 
 
 def _make_task(primitive: str) -> Any:
     @app.task(name=task_name_for(primitive), bind=True)
-    def run_action(self: Task, message: dict[str, Any]) -> dict[str, Any]:
+    def run_action(
+        self: Task, message: dict[str, Any], retry_state: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        state = RetryState.from_dict(retry_state)
         ctx = ActionContext(
             primitive=primitive,
             queue=queue_for(primitive),
             worker=self.request.hostname or f"{socket.gethostname()}:{os.getpid()}",
-            attempt=_attempt(self),
+            attempt=_attempt(self, state),
             raw=message,
+            extra={"retry_state": state},
         )
-        return get_pipeline().run(ctx)
+        result = get_pipeline().run(ctx)
+        if ctx.reschedule is None:
+            return result
+        try:
+            # Same message, same task id: the agent's handle waits for the final result.
+            raise self.retry(
+                kwargs={"message": message, "retry_state": ctx.reschedule.state},
+                countdown=ctx.reschedule.countdown_s,
+                max_retries=None,
+            )
+        except Retry:
+            raise
+        except Exception as exc:
+            # Could not publish the re-queue (broker away): hand the delivery back rather
+            # than acknowledge it, or the action would be lost.
+            log.warning("re-queue of %s failed (%s); rejecting with requeue", self.request.id, exc)
+            raise Reject(exc, requeue=True) from exc
 
     return run_action
 
@@ -128,7 +189,9 @@ def _on_init(sender: Any = None, instance: Any = None, options: Any = None, **_:
     queues = (options or {}).get("queues") or []
     if isinstance(queues, str):
         queues = queues.split(",")
-    _consumes_code = not queues or queue_for("code") in queues
+    # The reliability probe (tests) serves `code` without containers: nothing to reap.
+    consumes = not queues or queue_for("code") in queues
+    _consumes_code = consumes and not settings.test_probe_executor
 
 
 @signals.worker_ready.connect

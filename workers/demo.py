@@ -31,11 +31,17 @@ def _code(language: str, source: str, **payload: Any) -> dict[str, Any]:
 
 
 _OTHER_PAYLOADS: dict[str, dict[str, Any]] = {
-    "browse": {"url": "http://127.0.0.1:9/", "extract": ["title"]},
+    # Likewise for browse: the default policy refuses loopback, so the sample shows the
+    # browser's egress proxy refusing a local address (no packet is sent).
+    "browse": {"url": "http://127.0.0.1/", "extract": ["title", "text"]},
     "files": {"op": "write", "path": "demo/hello.txt", "content": "hello"},
     "email": {"to": ["ops@example.com"], "subject": "demo", "text": "hi", "dry_run": True},
-    "api": {"method": "GET", "url": "http://127.0.0.1:9/health"},
+    # No internet here and the default policy refuses loopback/private addresses, so the
+    # api sample shows the egress guard refusing cloud metadata (an SSRF) before connecting.
+    "api": {"method": "GET", "url": "http://169.254.169.254/latest/meta-data/"},
 }
+# The status a sample of a supported primitive ends with, when it is not "succeeded".
+_OTHER_EXPECTED: dict[str, str] = {"api": "denied", "browse": "denied"}
 
 
 def sample_actions() -> list[tuple[str, Any, str]]:
@@ -81,7 +87,8 @@ def sample_actions() -> list[tuple[str, Any, str]]:
         supported = p in SUPPORTED_PRIMITIVES
         action = {"primitive": p, "tenant_id": "demo", "agent_id": "demo-agent", "payload": payload}
         # Refused up front (nothing queued) until the primitive's executor lands.
-        samples.append((f"{p} primitive", action, "succeeded" if supported else "invalid"))
+        expected = _OTHER_EXPECTED.get(p, "succeeded") if supported else "invalid"
+        samples.append((f"{p} primitive", action, expected))
     return samples
 
 

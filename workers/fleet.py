@@ -141,6 +141,9 @@ class Fleet:
     redis: _Child | None = None
     ingester: _Child | None = None
     broker_url: str = ""
+    flower: bool = False  # `up --flower`
+    flower_child: _Child | None = None
+    metrics: Any = None  # workers.metrics.MetricsServer
     _stopping: bool = False
 
     # -- start ------------------------------------------------------------------------
@@ -259,6 +262,7 @@ class Fleet:
             self.children.append(child)
             self.say(f"worker {child.name} started (queue {queue_for(p)}, log {child.log})")
         self._wait(self._workers_ready, 90, "workers to answer a ping")
+        ops = self._start_ops()
         info = {
             "pid": os.getpid(),
             "broker_url": self.broker_url,
@@ -268,18 +272,44 @@ class Fleet:
             "workers": [
                 {"name": c.name, "pid": c.proc.pid if c.proc else None} for c in self.children
             ],
+            **ops,
         }
         tmp = self.settings.fleet_file().with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(self.settings.fleet_file())
         self.say(f"fleet ready: {self.settings.fleet_file()}")
 
+    def _start_ops(self) -> dict[str, Any]:
+        """The metrics endpoint (always) and Flower (``--flower``); their URLs for fleet.json."""
+        from workers.flower import flower_argv, flower_auth, flower_env
+        from workers.metrics import start_metrics_server
+
+        s = self.settings
+        self.metrics = start_metrics_server(
+            self.broker_url, host=s.metrics_host, port=s.metrics_port, audit_stream=s.audit_stream
+        )
+        self.say(f"metrics: {self.metrics.url}")
+        ops: dict[str, Any] = {"metrics": {"url": self.metrics.url, "port": self.metrics.port}}
+        if self.flower:
+            auth, port = flower_auth(s), s.flower_port or free_port()
+            env = flower_env(self._child_env(), auth)
+            argv = flower_argv(self.broker_url, s.flower_host, port)
+            log = s.home / "logs" / "flower.log"
+            self.flower_child = _Child("flower", argv, log, env)
+            self.flower_child.start()
+            url = f"http://{s.flower_host}:{port}/"
+            shown = auth.password if auth.generated else "(ACTIONFLEET_FLOWER_PASSWORD)"
+            self.say(f"flower: {url} user {auth.user!r} password {shown}")
+            ops["flower"] = {"url": url, "port": port, "user": auth.user}
+        return ops
+
     # -- supervise / stop -------------------------------------------------------------
 
     def supervise(self) -> None:
         """Block until SIGINT/SIGTERM; restart a worker that died meanwhile."""
         while not self._stopping:
-            for child in [*self.children, *([self.ingester] if self.ingester else [])]:
+            extra = [c for c in (self.ingester, self.flower_child) if c is not None]
+            for child in [*self.children, *extra]:
                 if child.proc is not None and child.proc.poll() is not None:
                     child.restarts += 1
                     self.say(f"worker {child.name} exited ({child.proc.returncode}); restarting")
@@ -304,6 +334,14 @@ class Fleet:
                 os.killpg(child.proc.pid, signal.SIGKILL)
                 child.proc.wait()
         self._stop_ingester()
+        if self.flower_child and self.flower_child.proc and self.flower_child.proc.poll() is None:
+            self.flower_child.proc.terminate()
+            try:
+                self.flower_child.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.flower_child.proc.kill()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.redis and self.redis.proc and self.redis.proc.poll() is None:
             self.redis.proc.terminate()
             try:

@@ -14,9 +14,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from producer.models import Action, ActionResult
+
+if TYPE_CHECKING:
+    from workers.reliability import Reschedule
 
 __all__ = ["ActionContext", "LifecycleEvent", "LogMiddleware", "Middleware", "Stage"]
 
@@ -38,6 +41,9 @@ class ActionContext:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     started_mono: float = field(default_factory=time.monotonic)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Set when this delivery is not the last: the task re-queues the message (retry or
+    # deferral) instead of returning a result.
+    reschedule: Reschedule | None = None
 
     @property
     def action_id(self) -> str | None:

@@ -1,9 +1,14 @@
 """The execution pipeline, top to bottom in one place.
 
-    validate -> deadline -> policy -> middleware (limits) -> execute -> normalize -> events
+    validate -> deadline -> policy -> reliability.admit (idempotency, rate, concurrency,
+    quota) -> middleware -> execute -> normalize -> reliability.settle (retry / final /
+    dead letter) -> events
 
 ``Pipeline.run`` never raises: every outcome, including a bug in an executor, becomes an
-``ActionResult`` the agent can act on, and every stage emits a lifecycle event.
+``ActionResult`` the agent can act on, and every stage emits a lifecycle event. When the
+delivery is not the last one (deferred over a limit, or a retry is due) ``run`` sets
+``ctx.reschedule`` and emits ``retried`` instead of ``finished``; the Celery task then
+re-queues the same message under the same task id (workers/app.py).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from producer.validation import parse_action
 from workers.executors import ExecutorRegistry
 from workers.middleware import ActionContext, LifecycleEvent, Middleware, Stage
 from workers.policy import PolicyEngine
+from workers.reliability import Deferred, Duplicate, Reliability, Reschedule
 
 __all__ = ["Pipeline"]
 
@@ -37,16 +43,28 @@ class Pipeline:
         policy: PolicyEngine,
         executors: ExecutorRegistry,
         middleware: Sequence[Middleware] = (),
+        reliability: Reliability | None = None,
     ) -> None:
         self.policy = policy
         self.executors = executors
         self.middleware = list(middleware)
+        self.reliability = reliability
 
     def run(self, ctx: ActionContext) -> dict[str, Any]:
         """Execute one delivery of an action; returns the result as JSON-ready dict."""
         try:
             output = self._execute(ctx)
             result = self._result(ctx, "succeeded", output=output)
+        except Duplicate as dup:
+            # Delivered again after it completed: the stored result, nothing runs again.
+            stored = ActionResult.model_validate(dup.result)
+            self._emit("finished", ctx, status=stored.status, decision="duplicate", result=stored)
+            return dup.result
+        except Deferred as deferred:
+            assert self.reliability is not None
+            ctx.reschedule = self.reliability.deferred(ctx, deferred)
+            self._emit("retried", ctx, decision="deferred", reason=deferred.reason)
+            return {}
         except InvalidAction as exc:
             result = self._result(
                 ctx,
@@ -64,10 +82,27 @@ class Pipeline:
             log.exception("executor crashed on action %s", ctx.action_id)
             err = InternalError(f"the worker failed unexpectedly ({type(exc).__name__})")
             result = self._result(ctx, "failed", error=err.to_info())
+        ctx.reschedule = self._settle(ctx, result)
         for m in self.middleware:
             self._guard(m.after_execute, ctx, result)
+        if ctx.reschedule is not None:
+            reason = ctx.reschedule.reason
+            self._emit("retried", ctx, status=result.status, decision="retry", reason=reason)
+            return result.model_dump(mode="json")
+        if "dead_letter" in ctx.extra:
+            self._emit("dead_lettered", ctx, status=result.status, result=result)
         self._emit("finished", ctx, status=result.status, result=result)
         return result.model_dump(mode="json")
+
+    def _settle(self, ctx: ActionContext, result: ActionResult) -> Reschedule | None:
+        if self.reliability is None:
+            return None
+        try:
+            return self.reliability.settle(ctx, result)
+        except Exception:
+            # The result stands even if Redis failed us here; leases lapse on their own.
+            log.exception("could not settle action %s", ctx.action_id)
+            return None
 
     def _execute(self, ctx: ActionContext) -> dict[str, Any]:
         action = parse_action(ctx.raw)
@@ -96,6 +131,8 @@ class Pipeline:
             self._emit("policy", ctx, decision="deny", reason=exc.message)
             raise
         self._emit("policy", ctx, decision="allow", reason=grant.reason)
+        if self.reliability is not None:
+            self.reliability.admit(ctx, action, grant)
         for m in self.middleware:
             m.before_execute(ctx)
         executor = self.executors.get(action.primitive)

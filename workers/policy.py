@@ -28,11 +28,22 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from producer.errors import PolicyDenied
-from producer.models import PRIMITIVES, Action, CodeAction, Primitive
+from producer.models import PRIMITIVES, Action, BrowseAction, CodeAction, Primitive
 from sandboxes.base import Limits
 from workers.egress import EgressPolicy
+from workers.limits import LimitsPolicy
+from workers.retries import RetryPolicy
 
-__all__ = ["CodeLimits", "Grant", "PolicyEngine", "PolicyFile", "TenantPolicy", "load_policy"]
+__all__ = [
+    "BrowseLimits",
+    "CodeLimits",
+    "FilesLimits",
+    "Grant",
+    "PolicyEngine",
+    "PolicyFile",
+    "TenantPolicy",
+    "load_policy",
+]
 
 
 class _Strict(BaseModel):
@@ -63,10 +74,63 @@ class CodeLimits(_Strict):
         return self
 
 
+class ApiPolicy(_Strict):
+    """The ``api`` section: limits of one HTTP action (docs/api-email.md)."""
+
+    default_timeout_s: float = Field(30, gt=0)
+    max_timeout_s: float = Field(120, gt=0)
+    max_attempts: int = Field(3, ge=1, le=10)
+    max_redirects: int = Field(5, ge=0, le=20)
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+    send_idempotency_key: bool = True
+
+
+class EmailPolicy(_Strict):
+    """The ``email`` section. Fails closed: with no allowed domain or address, no email
+    can be sent (a dry run still renders and reports what would be refused)."""
+
+    allow_domains: list[str] = Field(default_factory=list, description="'x.com' or '*.x.com'")
+    allow_addresses: list[str] = Field(default_factory=list)
+    max_recipients: int = Field(20, ge=1, le=300)
+    max_attachment_bytes: int = Field(10 << 20, ge=0, le=64 << 20)
+
+
+class FilesLimits(_Strict):
+    """The tenant workspace's quota (checked before anything is written) and read bounds."""
+
+    max_file_bytes: int = Field(8 << 20, ge=1, description="largest file a write may create")
+    max_total_bytes: int = Field(1 << 30, ge=1, description="all regular files together")
+    max_files: int = Field(10_000, ge=1, description="files and directories together")
+    max_read_bytes: int = Field(8 << 20, ge=1, le=64 << 20, description="largest file read")
+    max_list_entries: int = Field(1_000, ge=1, le=100_000, description="entries per list")
+
+
+class BrowseLimits(_Strict):
+    """The ``browse`` section (docs/browse.md): one browse action's ceilings."""
+
+    default_timeout_s: float = Field(30, gt=0)
+    max_timeout_s: float = Field(120, gt=0)
+    max_page_bytes: int = Field(32 << 20, ge=1024, description="all bytes a page pulls in")
+    max_screenshot_bytes: int = Field(4 << 20, ge=1024, le=64 << 20)
+    max_extract_chars: int = Field(1 << 20, ge=1024, le=16 << 20, description="per extract")
+
+    @model_validator(mode="after")
+    def _defaults_within_max(self) -> BrowseLimits:
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ValueError("default_timeout_s is above max_timeout_s")
+        return self
+
+
 class TenantPolicy(_Strict):
     primitives: list[Primitive] = Field(default_factory=lambda: list(PRIMITIVES))
     code: CodeLimits = Field(default_factory=CodeLimits)
+    files: FilesLimits = Field(default_factory=FilesLimits)
     egress: EgressPolicy = Field(default_factory=EgressPolicy)
+    limits: LimitsPolicy = Field(default_factory=LimitsPolicy)
+    retries: RetryPolicy = Field(default_factory=RetryPolicy)
+    api: ApiPolicy = Field(default_factory=ApiPolicy)
+    email: EmailPolicy = Field(default_factory=EmailPolicy)
+    browse: BrowseLimits = Field(default_factory=BrowseLimits)
 
 
 class PolicyFile(_Strict):
@@ -172,6 +236,9 @@ class PolicyEngine:
             )
         if isinstance(action, CodeAction):
             return self._authorize_code(action, tenant)
+        if isinstance(action, BrowseAction):
+            b, asked = tenant.browse, action.payload.timeout_s
+            _ceiling("timeout_s", asked, b.default_timeout_s, b.max_timeout_s, "s")
         return Grant(tenant=tenant)
 
     def _authorize_code(self, action: CodeAction, tenant: TenantPolicy) -> Grant:

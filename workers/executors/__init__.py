@@ -16,13 +16,67 @@ __all__ = ["EXECUTOR_FACTORIES", "Executor", "ExecutorRegistry"]
 
 
 def _code(settings: Settings) -> Executor:
+    if settings.test_probe_executor:  # TEST ONLY: see workers/executors/probe.py
+        from workers.executors.probe import ReliabilityProbeExecutor
+
+        return ReliabilityProbeExecutor(settings.test_probe_dir or settings.home / "probe")
     from sandboxes.docker import DockerSandbox
     from workers.executors.code import CodeExecutor
+    from workers.workspace import Workspaces
 
-    return CodeExecutor(DockerSandbox(runtime=settings.sandbox_runtime))
+    workspaces = Workspaces(settings.resolved_workspace_root())
+    return CodeExecutor(DockerSandbox(runtime=settings.sandbox_runtime), workspaces)
 
 
-EXECUTOR_FACTORIES: dict[str, Callable[[Settings], Executor]] = {"code": _code}
+def _files(settings: Settings) -> Executor:
+    from workers.executors.files import FilesExecutor
+    from workers.workspace import Workspaces
+
+    return FilesExecutor(Workspaces(settings.resolved_workspace_root()))
+
+
+def _api(settings: Settings) -> Executor:
+    from workers.executors.api import ApiExecutor
+    from workers.secrets import build_secret_store
+
+    return ApiExecutor(build_secret_store(settings.secrets_dir))
+
+
+def _email(settings: Settings) -> Executor:
+    from workers.executors.email import EmailExecutor, RelayConfig
+    from workers.outbox import Outbox
+    from workers.secrets import build_secret_store
+    from workers.workspace import Workspaces
+
+    # The outbox lives on the broker: every worker of the fleet already shares it.
+    broker = settings.resolved_broker_url() or "redis://127.0.0.1:6379/0"
+    return EmailExecutor(
+        RelayConfig.from_settings(settings),
+        build_secret_store(settings.secrets_dir),
+        Outbox(broker, ttl_s=settings.email_outbox_ttl_s),
+        Workspaces(settings.resolved_workspace_root()),
+    )
+
+
+def _browse(settings: Settings) -> Executor:
+    from workers.executors.browse import BrowseExecutor
+    from workers.secrets import build_secret_store
+    from workers.workspace import Workspaces
+
+    return BrowseExecutor(
+        executable=settings.browser_executable,
+        workspaces=Workspaces(settings.resolved_workspace_root()),
+        secrets=build_secret_store(settings.secrets_dir),
+    )
+
+
+EXECUTOR_FACTORIES: dict[str, Callable[[Settings], Executor]] = {
+    "code": _code,
+    "browse": _browse,
+    "api": _api,
+    "email": _email,
+}
+EXECUTOR_FACTORIES["files"] = _files
 
 
 class ExecutorRegistry:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from producer.errors import ActionTimeout, ResourceExhausted, ValidationError_
+from producer.errors import ActionTimeout, QuotaExceeded, ResourceExhausted, ValidationError_
 from producer.models import Action, CodeAction
 from sandboxes.base import RunOutcome, RunSpec, Sandbox
 from workers.middleware import ActionContext
 from workers.policy import Grant
+from workers.workspace import Workspaces
 
 __all__ = ["CodeExecutor"]
 
@@ -43,18 +44,24 @@ class CodeExecutor:
 
     primitive: ClassVar[str] = "code"
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: Sandbox, workspaces: Workspaces | None = None) -> None:
         self.sandbox = sandbox
+        self.workspaces = workspaces
 
     def execute(self, action: Action, grant: Grant, ctx: ActionContext) -> dict[str, Any]:
         assert isinstance(action, CodeAction) and grant.limits is not None
         p = action.payload
-        if p.workspace != "none":
-            raise ValidationError_(
-                "payload.workspace needs the tenant files workspace, which this fleet "
-                "version does not provide yet; send workspace 'none'",
-                field="payload.workspace",
-            )
+        workspace = None
+        # grant.workspace is the payload's mode, already capped by the tenant's policy.
+        if grant.workspace != "none":
+            if self.workspaces is None:
+                raise ValidationError_(
+                    "this worker has no files workspace configured; send workspace 'none'",
+                    field="payload.workspace",
+                )
+            if grant.workspace == "rw":
+                self._check_workspace_quota(action.tenant_id, grant)
+            workspace = (self.workspaces.tenant_dir(action.tenant_id), grant.workspace)
         spec = RunSpec(
             language=p.language,
             source=p.source,
@@ -65,6 +72,7 @@ class CodeExecutor:
                 "tenant_id": action.tenant_id,
                 "attempt": str(ctx.attempt),
             },
+            workspace=workspace,
         )
         outcome = self.sandbox.run(spec)
         ctx.sandbox_id = outcome.sandbox_id
@@ -86,6 +94,23 @@ class CodeExecutor:
                 memory_mb=limits.memory_mb,
             )
         return output
+
+    def _check_workspace_quota(self, tenant_id: str, grant: Grant) -> None:
+        # Inside the container nothing bounds what the program writes to the bind mount
+        # (see docs/files.md); at least a workspace already over quota is not handed out
+        # read-write again.
+        assert self.workspaces is not None
+        limits = grant.tenant.files
+        used, entries = self.workspaces.tenant(tenant_id).usage()
+        if used > limits.max_total_bytes or entries > limits.max_files:
+            raise QuotaExceeded(
+                f"the workspace holds {used} bytes in {entries} files and directories, over "
+                f"the tenant's limit ({limits.max_total_bytes} bytes, {limits.max_files} "
+                "entries); delete files (files op 'delete') or use workspace 'ro'",
+                field="payload.workspace",
+                used=used,
+                limit=limits.max_total_bytes,
+            )
 
     def close(self) -> None:
         self.sandbox.close()

@@ -1,0 +1,3 @@
+"""The browse primitive's parts: the browser manager (one Chromium per worker process,
+a fresh context per action), the per-action egress proxy, steps, extractors, artifacts
+and logged-in sessions. ``workers.executors.browse`` puts them together."""
