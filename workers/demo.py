@@ -146,7 +146,10 @@ def _run_batch() -> int:
                 note = f"{result.error.type}: {result.error.message}"
             else:
                 out = result.output or {}
-                note = f"exit {out.get('exit_code')}: {str(out.get('stdout', '')).strip()}"
+                if "exit_code" in out:
+                    note = f"exit {out['exit_code']}: {str(out.get('stdout', '')).strip()}"
+                else:  # other primitives: their own output, compactly
+                    note = json.dumps(out, default=str)
             rows.append((name, expected, result.status, f"{result.duration_ms} ms, {note}"))
     width = max(len(r[0]) for r in rows)
     print(f"\n{'action':<{width}}  {'expected':<9}  {'got':<9}  detail")
