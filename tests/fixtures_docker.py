@@ -9,6 +9,7 @@ a removed container is left: leftovers are a bug, so they fail the session (afte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -141,7 +142,8 @@ def _no_leftover_sandboxes() -> Iterator[None]:
     try:
         leftovers = list_sandbox_containers(client)
         for info in leftovers:
-            client.api.remove_container(info["Id"], force=True)
+            with contextlib.suppress(docker.errors.NotFound):  # its own run removed it
+                client.api.remove_container(info["Id"], force=True)
         orphans = settled_orphan_runtime_processes(client)
     finally:
         client.close()

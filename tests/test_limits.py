@@ -69,6 +69,11 @@ def test_rate_limit_holds_across_two_workers_and_spares_other_tenants(
         # sent right behind the first 191 limited ones).
         other = max(r["time"] for r in ran if r["tenant"] == "acme")
         assert other < times[100], (other - times[0], times[100] - times[0])
+        # ... and operators see the deferrals in the metrics.
+        from workers.metrics import RATE_LIMIT_DEFERRALS_KEY
+
+        deferred = redis_own.client(1).hget(RATE_LIMIT_DEFERRALS_KEY, "code")
+        assert deferred is not None and int(deferred) > 0
     finally:
         for w in workers:
             w.stop()

@@ -25,6 +25,7 @@ whether a rate slot is booked) travels in the task's ``retry_state`` keyword arg
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from workers.limits import ConcurrencyLimiter, Lease, QuotaCounter, RateLimiter,
 from workers.middleware import ActionContext
 from workers.policy import Grant
 from workers.retries import backoff_s
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Deferred", "Duplicate", "Reliability", "Reschedule", "RetryState"]
 
@@ -262,6 +265,13 @@ class Reliability:
     def deferred(self, ctx: ActionContext, exc: Deferred) -> Reschedule:
         state = state_of(ctx)
         state.deferrals += 1
+        if exc.reason == "rate limit":  # exported as actionfleet_rate_limit_deferrals_total
+            from workers.metrics import record_rate_limit_deferral
+
+            try:
+                record_rate_limit_deferral(self.client, ctx.primitive)
+            except Exception:  # a metric must never fail the action
+                log.debug("could not count a rate-limit deferral", exc_info=True)
         return Reschedule(exc.wait_s, exc.reason, state.to_dict())
 
     def settle(self, ctx: ActionContext, result: ActionResult) -> Reschedule | None:
