@@ -52,6 +52,12 @@ def effects(probe_dir: Path) -> Counter[str]:
     return Counter(e["action_id"] for e in read_log(probe_dir / "effects.log"))
 
 
+def applied(probe_dir: Path) -> Counter[str]:
+    """Effects the fake upstream applied, per idempotency key (its atomic records)."""
+    records = [json.loads(p.read_text()) for p in (probe_dir / "applied").glob("[!.]*")]
+    return Counter(r["key"] for r in records)
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -19,6 +19,7 @@ import pytest
 from producer.client import ActionClient, ActionHandle
 from tests.conftest import RedisServer, start_redis
 from tests.reliability_fixtures import (
+    applied,
     effects,
     event_lines,
     probe_action,
@@ -176,8 +177,8 @@ def test_kill9_mid_batch_every_action_one_result_one_effect(
         by_key = {h.action.idempotency_key: r for h, r in zip(handles, results, strict=False)}
         for dup, result in zip(duplicates, results[200:], strict=True):
             assert result.model_dump() == by_key[dup.action.idempotency_key].model_dump()
-        applied = Counter(e["key"] for e in read_log(probe / "effects.log"))
-        assert set(applied) == set(keys) and set(applied.values()) == {1}
+        effects_by_key = applied(probe)
+        assert set(effects_by_key) == set(keys) and set(effects_by_key.values()) == {1}
         # Executions: one per key, plus at most the actions in flight on the killed
         # worker (its 2 processes); every other duplicate was answered from the record.
         executed = Counter(r["key"] for r in runs(probe))

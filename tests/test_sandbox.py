@@ -55,6 +55,14 @@ def run_json(sandbox: DockerSandbox, source: str, **kw: object) -> dict:
     return json.loads(outcome.stdout)
 
 
+def own_containers(client: docker.DockerClient) -> list[dict]:
+    """Sandbox containers this test process created (others may share the engine)."""
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    return [
+        c for c in list_sandbox_containers(client) if (c.get("Labels") or {}).get(LABEL_OWNER) == me
+    ]
+
+
 def assert_gone(client: docker.DockerClient, sandbox_id: str) -> None:
     assert sandbox_id, "the outcome must name its container"
     assert client.api.containers(all=True, filters={"id": sandbox_id}) == []
@@ -129,7 +137,7 @@ def test_infinite_loop_times_out_and_container_is_gone(
     assert elapsed < timeout_s + DEADLINE_SLACK_S, f"took {elapsed:.2f}s"
     assert outcome.usage.wall_ms >= timeout_s * 1000 * 0.9
     assert_gone(docker_client, outcome.sandbox_id)
-    assert list_sandbox_containers(docker_client) == []
+    assert own_containers(docker_client) == []
 
 
 def test_background_sleeper_does_not_hold_the_run(sandbox: DockerSandbox) -> None:
@@ -400,7 +408,7 @@ def test_interrupted_run_still_removes_its_container(
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    assert list_sandbox_containers(docker_client) == []
+    assert own_containers(docker_client) == []
 
 
 def test_missing_image_is_a_sandbox_error(
@@ -409,7 +417,7 @@ def test_missing_image_is_a_sandbox_error(
     broken = DockerSandbox(image="actionfleet-sandbox:does-not-exist", client=docker_client)
     with pytest.raises(SandboxError, match="missing"):
         broken.run(RunSpec(language="python", source="print(1)"))
-    assert list_sandbox_containers(docker_client) == []
+    assert own_containers(docker_client) == []
 
 
 def test_failed_start_leaves_no_container_or_runtime_process(

@@ -110,13 +110,20 @@ class ReliabilityProbeExecutor:
         way a real API honouring an Idempotency-Key header does (docs/reliability.md)."""
         now = time.time()
         _append(self.dir / "effect_calls.log", stamp | {"time": now})
-        marker = self.dir / "applied" / (action.idempotency_key or action.action_id)
-        marker.parent.mkdir(exist_ok=True)
+        key = action.idempotency_key or action.action_id
+        applied = self.dir / "applied"
+        applied.mkdir(exist_ok=True)
+        # Apply and record in one atomic step (link of a complete file): a worker killed
+        # right after applying must not leave an effect that nothing recorded.
+        tmp = applied / f".{key}.{os.getpid()}.{time.monotonic_ns()}"
+        tmp.write_text(json.dumps(stamp | {"time": now}))
         try:
-            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.link(tmp, applied / key)
         except FileExistsError:
             return
-        _append(self.dir / "effects.log", stamp | {"time": now})
+        finally:
+            tmp.unlink()
+        _append(self.dir / "effects.log", stamp | {"time": now})  # ordering/timing only
 
     def close(self) -> None:
         pass
