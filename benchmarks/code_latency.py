@@ -1,12 +1,18 @@
-"""End-to-end latency of a `print(1)` code action through the fleet, beside a cold
-`docker run` of the same image and a bare Celery no-op round trip, in the same run.
+"""End-to-end latency of a `print(1)` code action through the fleet, with the warm
+container pool and without it (a cold container per action), beside a cold `docker run` of
+the same image and a bare Celery no-op round trip, in the same run.
 
-    .venv/bin/python benchmarks/code_latency.py [-n 30] [--runtime runc|runsc]
+Target of the pool (issue #8): pooled p50 <= 1/5 and p90 <= 1/3 of the cold `docker run`.
+Each timed action is preceded by a short pause (--gap-ms) so the pool refills as it would
+between an agent's steps; back-to-back load is what code_throughput.py measures.
+
+    .venv/bin/python benchmarks/code_latency.py [-n 30] [--runtime runc|runsc] [--gap-ms 300]
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 from _common import ROOT, celery_worker, redis_server, table, timed  # noqa: F401
 
@@ -15,6 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=30, help="timed runs per subject (30)")
     parser.add_argument("--runtime", default="runc", choices=["runc", "runsc"])
+    parser.add_argument("--gap-ms", type=float, default=300, help="pause between actions")
     args = parser.parse_args()
 
     import docker
@@ -58,21 +65,26 @@ def main() -> None:
             )
             noop_app.close()
         rows.append((f"cold docker run ({args.runtime})", timed(cold_docker_run, args.n)))
-        with celery_worker(
-            "workers.app",
-            "actions.code",
-            url,
-            concurrency=1,
-            ACTIONFLEET_SANDBOX_RUNTIME=args.runtime,
-        ):
-            client = ActionClient(url, settings=Settings(broker_url=url))
-
-            def fleet_action() -> None:
-                result = client.run(action, timeout=60)
-                assert result.status == "succeeded" and result.output["stdout"] == "1\n", result
-
-            rows.append((f"fleet code action ({args.runtime})", timed(fleet_action, args.n)))
-            client.close()
+        for label, pool_size in (("cold container", "0"), ("warm pool", "4")):
+            with celery_worker(
+                "workers.app",
+                "actions.code",
+                url,
+                concurrency=1,
+                ACTIONFLEET_SANDBOX_RUNTIME=args.runtime,
+                ACTIONFLEET_SANDBOX_POOL_SIZE=pool_size,
+            ):
+                client = ActionClient(url, settings=Settings(broker_url=url))
+                samples: list[float] = []
+                for i in range(args.n + 2):  # the first two are warm-up, not kept
+                    time.sleep(args.gap_ms / 1000)  # untimed: the pool refills meanwhile
+                    t = time.perf_counter()
+                    result = client.run(action, timeout=60)
+                    if i >= 2:
+                        samples.append((time.perf_counter() - t) * 1000)
+                    assert result.status == "succeeded" and result.output["stdout"] == "1\n"
+                rows.append((f"fleet action, {label} ({args.runtime})", samples))
+                client.close()
     print(table(rows, baseline=f"cold docker run ({args.runtime})"))
 
 

@@ -43,6 +43,15 @@ class Settings(BaseSettings):
     sandbox_runtime: Literal["runc", "runsc"] = Field("runc", description="OCI runtime")
     sandbox_image: str | None = Field(None, description="override the built sandbox image tag")
     debian_mirror: str = Field("http://deb.debian.org/debian", description="for sandbox build")
+    sandbox_pool_size: int = Field(
+        4, ge=0, le=64, description="warm containers per profile per worker process; 0: no pool"
+    )
+    sandbox_pool_max_memory_mb: int = Field(
+        2048, ge=0, description="cap on the summed memory limits of one process's warm pool"
+    )
+    sandbox_pool_ttl_s: float = Field(
+        600.0, ge=60, description="expiry label of a warm container; retired at half of it"
+    )
 
     # Operations (workers/metrics.py, workers/flower.py). Port 0: a free port (`up`).
     metrics_host: str = Field("127.0.0.1", description="bind address of /metrics")

@@ -69,8 +69,10 @@ __all__ = [
     "LABEL_PREFIX",
     "LABEL_SANDBOX",
     "DockerSandbox",
+    "close_stdin",
     "encode_request",
     "end_orphaned_runtime_processes",
+    "json_frame",
     "list_sandbox_containers",
     "parse_frame",
     "reap_containers",
@@ -129,17 +131,18 @@ def parse_frame(logs: bytes, nonce: str) -> dict[str, Any] | None:
     """
     lines = [line for line in logs.splitlines() if line.strip()]
     for line in reversed(lines):
-        frame = _json_frame(line)
+        frame = json_frame(line)
         if frame is not None and frame.get("nonce") == nonce:
             return frame
     if len(lines) == 1:
-        frame = _json_frame(lines[0])
+        frame = json_frame(lines[0])
         if frame is not None and frame.get("nonce") is None and frame.get("ok") is False:
             return frame
     return None
 
 
-def _json_frame(line: bytes) -> dict[str, Any] | None:
+def json_frame(line: bytes) -> dict[str, Any] | None:
+    """One log line as a protocol-v1 frame, or None."""
     if not line.startswith(b"{"):
         return None
     try:
@@ -358,7 +361,9 @@ class DockerSandbox:
             return RUNSC_HOST_TASKS_BASE + RUNSC_HOST_TASKS_PER_PROC * limits.pids
         return limits.pids
 
-    def _create(self, spec: RunSpec) -> str:
+    def _create(self, spec: RunSpec, labels: dict[str, str] | None = None) -> str:
+        """Create (not start) a container for ``spec``; ``labels`` replace the run's own
+        (the warm pool labels containers made before any action is known)."""
         try:
             created = self._api.create_container(
                 self.image,
@@ -371,7 +376,7 @@ class DockerSandbox:
                 tty=False,
                 network_disabled=True,
                 hostname="sandbox",
-                labels=self._labels(spec),
+                labels=labels if labels is not None else self._labels(spec),
                 host_config=self._host_config(spec.limits, spec),
             )
         except docker.errors.ImageNotFound as exc:
@@ -393,16 +398,22 @@ class DockerSandbox:
 
     @contextlib.contextmanager
     def _stdin_socket(self, container_id: str) -> Iterator[socket.socket]:
-        wrapper = self._api.attach_socket(container_id, params={"stdin": 1, "stream": 1})
-        sock: socket.socket = getattr(wrapper, "_sock", wrapper)
-        sock.settimeout(SEND_TIMEOUT_S)
+        wrapper, sock = self._attach_stdin(container_id)
         try:
             yield sock
         finally:
-            with contextlib.suppress(OSError):
-                wrapper.close()
-            with contextlib.suppress(OSError):
-                sock.close()
+            close_stdin(wrapper, sock)
+
+    def _attach_stdin(
+        self, container_id: str, *, stdout: bool = False
+    ) -> tuple[Any, socket.socket]:
+        """A hijacked attach connection to the container's stdin (and, multiplexed, its
+        stdout when ``stdout``): (docker-py wrapper, socket)."""
+        params = {"stdin": 1, "stream": 1, "stdout": int(stdout)}
+        wrapper = self._api.attach_socket(container_id, params=params)
+        sock: socket.socket = getattr(wrapper, "_sock", wrapper)
+        sock.settimeout(SEND_TIMEOUT_S)
+        return wrapper, sock
 
     def _wait(self, container_id: str, timeout_s: float) -> bool:
         """Wait for the container to exit; kill it past the deadline. True if we killed it."""
@@ -493,6 +504,14 @@ class DockerSandbox:
                 if attempt == 2:
                     log.warning("could not remove sandbox %s: %s", container_id[:12], exc)
                 time.sleep(0.2)
+
+
+def close_stdin(wrapper: Any, sock: socket.socket) -> None:
+    """Close an attach connection from ``DockerSandbox._attach_stdin``; never raises."""
+    with contextlib.suppress(OSError):
+        wrapper.close()
+    with contextlib.suppress(OSError):
+        sock.close()
 
 
 def _workspace_mounts(spec: RunSpec | None) -> list[Mount]:

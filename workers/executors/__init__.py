@@ -20,12 +20,35 @@ def _code(settings: Settings) -> Executor:
         from workers.executors.probe import ReliabilityProbeExecutor
 
         return ReliabilityProbeExecutor(settings.test_probe_dir or settings.home / "probe")
+    from sandboxes.base import Limits
     from sandboxes.docker import DockerSandbox
     from workers.executors.code import CodeExecutor
     from workers.workspace import Workspaces
 
     workspaces = Workspaces(settings.resolved_workspace_root())
-    return CodeExecutor(DockerSandbox(runtime=settings.sandbox_runtime), workspaces)
+    sandbox = DockerSandbox(runtime=settings.sandbox_runtime)
+    if settings.sandbox_pool_size == 0:
+        return CodeExecutor(sandbox, workspaces)
+    from sandboxes.pool import PooledDockerSandbox
+    from workers.policy import PolicyEngine
+
+    # The default tenant's default limits are what most actions run with: keep that profile
+    # warm from the start; others are warmed once they are asked for.
+    code = PolicyEngine(settings.policy).current().default.code
+    default = Limits(
+        memory_mb=code.default_memory_mb,
+        cpus=code.default_cpus,
+        pids=code.pids,
+        tmpfs_mb=code.tmpfs_mb,
+    )
+    pooled = PooledDockerSandbox(
+        sandbox,
+        max_per_profile=settings.sandbox_pool_size,
+        max_memory_mb=settings.sandbox_pool_max_memory_mb,
+        ttl_s=settings.sandbox_pool_ttl_s,
+        prewarm=(default,),
+    )
+    return CodeExecutor(pooled, workspaces)
 
 
 def _files(settings: Settings) -> Executor:

@@ -1,0 +1,492 @@
+"""A warm pool for the Docker sandbox: pre-started containers, each used by ONE run.
+
+A cold run pays create + attach + start before the program can begin, and remove after it
+(``sandboxes/docker.py``). The runner (PID 1) blocks reading its framed request on stdin
+before doing anything, so those steps can happen ahead of time: a *warm* container was
+created with stdin open, attached and started, and is waiting. A run takes one, sends it
+the request (the per-run nonce is in the request, so nothing inside could know it in
+advance), half-closes, waits, reads the frame and inspects the state exactly as a cold run
+does; the container is then removed in the background. It is never handed out again,
+whatever happened in it (exit, timeout, OOM, error).
+
+Profiles: a warm container is only usable by a run whose limits it was created with. The
+profile is what is fixed at create time: runtime, image, memory, CPUs, pids, tmpfs size.
+Timeout and output caps travel in the request. Runs with a workspace mount (a per-tenant
+bind mount) or a profile with no warm container take the cold path (``DockerSandbox.run``).
+
+Sizing: per profile, the pool keeps ``peak concurrent runs in the last demand window + 1``
+warm containers, capped by ``max_per_profile``; a profile with no demand in the window is
+drained (prewarmed profiles keep one). All warm containers together are capped by
+``max_memory_mb`` (counted at their memory limit, an upper bound of what they can use).
+
+Leftovers: pooled containers carry the sandbox labels (``actionfleet.sandbox=1``, owner
+``<host>:<pid>``, expiry) plus ``actionfleet.pool=1``, so ``reap_containers`` removes them
+once their worker process is gone (the worker's start-up reaper) or they expire. The pool
+retires a warm container at half its TTL and never hands out one whose expiry could fall
+inside the run, so a live pool's containers are never reaped under it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import select
+import socket
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from dataclasses import dataclass
+from typing import Any
+
+import docker.errors
+import requests.exceptions
+
+from producer.errors import SandboxError
+from sandboxes.base import Limits, RunOutcome, RunSpec, Runtime
+from sandboxes.docker import (
+    API_TIMEOUT_S,
+    EXPIRY_SLACK_S,
+    LABEL_EXPIRES,
+    LABEL_OWNER,
+    LABEL_RUNTIME,
+    LABEL_SANDBOX,
+    DockerSandbox,
+    close_stdin,
+    encode_request,
+    end_orphaned_runtime_processes,
+    json_frame,
+    parse_frame,
+)
+from sandboxes.docker import _owner as owner_label
+
+__all__ = ["LABEL_POOL", "PooledDockerSandbox", "Profile"]
+
+log = logging.getLogger(__name__)
+
+LABEL_POOL = "actionfleet.pool"
+DEFAULT_TTL_S = 600.0
+DEFAULT_DEMAND_WINDOW_S = 60.0
+# How often the refill loop looks at the pool when nothing wakes it (retirement, draining).
+TICK_S = 1.0
+# Concurrent Docker calls of the pool (creates and removes): refill must keep up with a
+# sustained stream of runs, each of which consumes one container.
+DEFAULT_WORKERS = 4
+# A start that fails keeps failing (image gone, runtime broken): back off before retrying.
+FAILURE_BACKOFF_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """What a container is created with; runs match a warm container only on all of it."""
+
+    runtime: Runtime
+    image: str
+    memory_mb: int
+    cpus: float
+    pids: int
+    tmpfs_mb: int
+
+    @classmethod
+    def of(cls, runtime: Runtime, image: str, limits: Limits) -> Profile:
+        return cls(runtime, image, limits.memory_mb, limits.cpus, limits.pids, limits.tmpfs_mb)
+
+    def limits(self) -> Limits:
+        return Limits(
+            memory_mb=self.memory_mb, cpus=self.cpus, pids=self.pids, tmpfs_mb=self.tmpfs_mb
+        )
+
+
+@dataclass(slots=True)
+class _Warm:
+    container_id: str
+    wrapper: Any  # docker-py's attach response; closing it closes the connection
+    sock: socket.socket
+    expires: float  # the container's expiry label (wall clock)
+    created: float  # wall clock
+
+
+@dataclass(slots=True)
+class _Demand:
+    in_flight: int = 0
+    last_used: float = 0.0  # monotonic; 0 = never
+    peaks: deque[tuple[float, int]] | None = None  # (monotonic, in_flight at a take)
+
+    def note_start(self, now: float) -> None:
+        self.in_flight += 1
+        self.last_used = now
+        if self.peaks is None:
+            self.peaks = deque()
+        self.peaks.append((now, self.in_flight))
+
+    def peak(self, now: float, window_s: float) -> int:
+        if not self.peaks:
+            return 0
+        while self.peaks and self.peaks[0][0] < now - window_s:
+            self.peaks.popleft()
+        return max((n for _, n in self.peaks), default=0)
+
+
+def _socket_closed(sock: socket.socket) -> bool:
+    """True if the daemon closed the attach connection (the container died or was removed).
+
+    Nothing is ever sent to us on a stdin-only attach, so readable means EOF or an error.
+    """
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+def _read_frame(
+    sock: socket.socket, nonce: str, deadline: float, limits: Limits
+) -> tuple[dict[str, Any] | None, bool]:
+    """Read the attach stream until the runner's frame: (frame or None, deadline passed).
+
+    The stream is Docker's multiplexed format (8-byte header: stream id, 3 zero bytes, a
+    big-endian length; then the payload); only stdout (id 1) is kept. Under runc the FIRST
+    complete line carrying our nonce is the runner's frame and final: only the runner can
+    write to its stdout (it is non-dumpable, so /proc/1/fd/1 cannot be opened by the
+    program), the nonce was never inside the container before the request, and the runner
+    writes the frame after every program process is dead. (Under gVisor the caller
+    re-reads the log after exit instead.)
+    None when the stream ends without one (the runner died) or grows past any real frame.
+    """
+    # A frame holds at most both capped streams in base64 plus a small header.
+    max_bytes = 4 * limits.output_bytes + (1 << 20)
+    raw, stdout = b"", b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None, True
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(1 << 16)
+        except TimeoutError:
+            return None, True
+        except OSError:
+            return None, False
+        if not chunk:
+            return None, False
+        raw += chunk
+        while len(raw) >= 8:
+            size = int.from_bytes(raw[4:8], "big")
+            if len(raw) < 8 + size:
+                break
+            if raw[0] == 1:
+                stdout += raw[8 : 8 + size]
+            raw = raw[8 + size :]
+        while b"\n" in stdout:
+            line, _, stdout = stdout.partition(b"\n")
+            frame = json_frame(line)
+            if frame is not None and frame.get("nonce") == nonce:
+                return frame, False
+        if len(stdout) + len(raw) > max_bytes:
+            return None, False
+
+
+class PooledDockerSandbox:
+    """``Sandbox`` serving runs from warm containers, falling back to ``DockerSandbox.run``.
+
+    ``sandbox``: the cold backend (its client, image, runtime and grace are used; it is
+    closed by ``close()``). ``max_per_profile``: most warm containers of one profile.
+    ``max_memory_mb``: cap on the sum of the memory limits of all warm containers.
+    ``prewarm``: limits whose profile is kept warm (>= 1) even with no demand yet.
+    """
+
+    def __init__(
+        self,
+        sandbox: DockerSandbox,
+        *,
+        max_per_profile: int = 4,
+        max_memory_mb: int = 2048,
+        ttl_s: float = DEFAULT_TTL_S,
+        demand_window_s: float = DEFAULT_DEMAND_WINDOW_S,
+        prewarm: tuple[Limits, ...] = (),
+        workers: int = DEFAULT_WORKERS,
+    ) -> None:
+        if max_per_profile < 1:
+            raise ValueError("max_per_profile must be >= 1 (use DockerSandbox for no pool)")
+        self.cold = sandbox
+        self.runtime: Runtime = sandbox.runtime
+        self.max_per_profile = max_per_profile
+        self.max_memory_mb = max_memory_mb
+        self.ttl_s = ttl_s
+        self.demand_window_s = demand_window_s
+        self._lock = threading.Condition()
+        self._warm: dict[Profile, deque[_Warm]] = {}
+        self._creating: dict[Profile, int] = {}
+        self._demand: dict[Profile, _Demand] = {}
+        self._failed_at: dict[Profile, float] = {}
+        self._prewarm = {Profile.of(self.runtime, sandbox.image, lim) for lim in prewarm}
+        self._closed = False
+        self._pending: set[Future[Any]] = set()
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="sandbox-pool")
+        self.stats = {"warm_runs": 0, "cold_runs": 0, "created": 0, "discarded": 0}
+        self._thread = threading.Thread(target=self._refill_loop, name="sandbox-pool", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ Sandbox protocol
+
+    def run(self, spec: RunSpec) -> RunOutcome:
+        """Run ``spec`` in a warm container if one fits, else in a cold one."""
+        profile = Profile.of(self.runtime, self.cold.image, spec.limits)
+        poolable = spec.workspace is None
+        if poolable:
+            with self._lock:
+                self._demand.setdefault(profile, _Demand()).note_start(time.monotonic())
+                self._lock.notify_all()  # the refill loop replaces what we take
+        try:
+            warm = self._take(profile, spec.limits) if poolable else None
+            with self._lock:
+                self.stats["cold_runs" if warm is None else "warm_runs"] += 1
+            if warm is None:
+                return self.cold.run(spec)
+            return self._run_warm(warm, spec)
+        finally:
+            if poolable:
+                with self._lock:
+                    self._demand[profile].in_flight -= 1
+
+    def reap(self) -> int:
+        """Remove leftovers of dead workers (never this pool's own: its owner is alive)."""
+        return self.cold.reap()
+
+    def close(self) -> None:
+        """Stop refilling and remove every warm container; waits for pending removals."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            warm = [w for entries in self._warm.values() for w in entries]
+            self._warm.clear()
+            self._lock.notify_all()
+        self._thread.join(timeout=10)
+        for entry in warm:
+            self._discard(entry)
+        # Creates in flight see _closed and remove their container themselves.
+        self._executor.shutdown(wait=True)
+        self.cold.close()
+
+    def warm_count(self, limits: Limits | None = None) -> int:
+        """Warm containers waiting (of the profile of ``limits``, or all)."""
+        with self._lock:
+            if limits is None:
+                return sum(len(d) for d in self._warm.values())
+            return len(self._warm.get(Profile.of(self.runtime, self.cold.image, limits), ()))
+
+    def warm_ids(self) -> list[str]:
+        with self._lock:
+            return [w.container_id for d in self._warm.values() for w in d]
+
+    # ------------------------------------------------------------------ taking and running
+
+    def _take(self, profile: Profile, limits: Limits) -> _Warm | None:
+        # The container's expiry must lie beyond the whole run, or another process's reaper
+        # could remove it mid-run.
+        needed = limits.timeout_s + self.cold.kill_grace_s + EXPIRY_SLACK_S
+        stale: list[_Warm] = []
+        taken = None
+        with self._lock:
+            entries = self._warm.get(profile)
+            while entries:
+                entry = entries.popleft()
+                if entry.expires - time.time() >= needed and not _socket_closed(entry.sock):
+                    taken = entry
+                    break
+                stale.append(entry)
+        for entry in stale:
+            self._discard(entry)
+        return taken
+
+    def _run_warm(self, warm: _Warm, spec: RunSpec) -> RunOutcome:
+        sandbox, cid = self.cold, warm.container_id
+        sandbox._note_network(spec)
+        nonce = secrets.token_hex(16)
+        max_procs = spec.limits.pids if self.runtime == "runsc" else None
+        started = time.monotonic()
+        deadline = started + spec.limits.timeout_s + sandbox.kill_grace_s
+        try:
+            try:
+                sandbox._send(cid, warm.sock, encode_request(spec, nonce, max_procs=max_procs))
+                frame, watchdog_fired = _read_frame(warm.sock, nonce, deadline, spec.limits)
+            finally:
+                close_stdin(warm.wrapper, warm.sock)
+            if frame is not None and self.runtime == "runc":
+                # The fast path: the frame is final (see _read_frame), so the container's exit
+                # is not waited for (~40 ms of runtime teardown under runc). The runner's own
+                # cgroup OOM counter stands in for Docker's State.OOMKilled. Not under gVisor:
+                # there a program can open the runner's stdout (/proc/1/fd/1), so only the
+                # LAST nonce line after the container's exit is trusted, as on the cold path.
+                wall_ms = int((time.monotonic() - started) * 1000)
+                return sandbox._outcome(cid, frame, {}, False, wall_ms)
+            # No frame on the stream: the runner died, or missed its deadline. Decide exactly
+            # as a cold run does, from the exit state and the log.
+            if watchdog_fired:
+                log.warning("sandbox %s outlived its deadline; killing it", cid[:12])
+                with contextlib.suppress(docker.errors.APIError):
+                    sandbox._api.kill(cid)
+            sandbox._api.wait(cid, timeout=API_TIMEOUT_S)
+            frame = parse_frame(sandbox._logs(cid, stdout=True), nonce)
+            state = sandbox._api.inspect_container(cid)["State"]
+            wall_ms = int((time.monotonic() - started) * 1000)
+            return sandbox._outcome(cid, frame, state, watchdog_fired, wall_ms)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise SandboxError(f"sandbox run failed (warm container {cid[:12]}): {exc}") from exc
+        finally:
+            # Used once, whatever happened: removed off the caller's critical path.
+            self._submit(sandbox._remove, cid)
+
+    # ------------------------------------------------------------------ refilling
+
+    def _target(self, profile: Profile, now: float) -> int:
+        demand = self._demand.get(profile)
+        floor = 1 if profile in self._prewarm else 0
+        if demand is None or now - demand.last_used > self.demand_window_s:
+            return floor
+        return min(self.max_per_profile, max(floor, demand.peak(now, self.demand_window_s) + 1))
+
+    def _refill_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                to_create, to_retire = self._plan()
+            for entry in to_retire:
+                self._discard(entry)
+            for profile in to_create:
+                self._submit(self._create_warm, profile)
+            with self._lock:
+                if self._closed:
+                    return
+                self._lock.wait(TICK_S)
+
+    def _plan(self) -> tuple[list[Profile], list[_Warm]]:
+        """Under the lock: which warm containers to create and which to retire now."""
+        now, wall = time.monotonic(), time.time()
+        to_retire: list[_Warm] = []
+        for profile, entries in self._warm.items():
+            target = self._target(profile, now)
+            kept: deque[_Warm] = deque()
+            for entry in entries:
+                too_old = wall - entry.created > self.ttl_s / 2
+                if too_old or len(kept) >= target or _socket_closed(entry.sock):
+                    to_retire.append(entry)
+                else:
+                    kept.append(entry)
+            self._warm[profile] = kept
+        memory = sum(
+            p.memory_mb * (len(self._warm.get(p, ())) + self._creating.get(p, 0))
+            for p in set(self._warm) | set(self._creating)
+        )
+        to_create: list[Profile] = []
+        for profile in set(self._demand) | self._prewarm:
+            if now - self._failed_at.get(profile, -FAILURE_BACKOFF_S) < FAILURE_BACKOFF_S:
+                continue
+            have = len(self._warm.get(profile, ())) + self._creating.get(profile, 0)
+            for _ in range(self._target(profile, now) - have):
+                if memory + profile.memory_mb > self.max_memory_mb:
+                    break
+                memory += profile.memory_mb
+                self._creating[profile] = self._creating.get(profile, 0) + 1
+                to_create.append(profile)
+        return to_create, to_retire
+
+    def _labels(self) -> dict[str, str]:
+        return {
+            LABEL_SANDBOX: "1",
+            LABEL_POOL: "1",
+            LABEL_OWNER: owner_label(),
+            LABEL_EXPIRES: str(int(time.time() + self.ttl_s) + 1),
+            LABEL_RUNTIME: self.runtime,
+        }
+
+    def _create_warm(self, profile: Profile) -> None:
+        sandbox, cid, started_ok = self.cold, "", False
+        try:
+            labels = self._labels()
+            cid = sandbox._create(
+                RunSpec(language="python", source="", limits=profile.limits()), labels
+            )
+            wrapper, sock = sandbox._attach_stdin(cid, stdout=True)
+            try:
+                sandbox._api.start(cid)
+                started_ok = True
+            except BaseException:
+                close_stdin(wrapper, sock)
+                raise
+            entry = _Warm(cid, wrapper, sock, float(labels[LABEL_EXPIRES]), time.time())
+            with self._lock:
+                if not self._closed:
+                    self._warm.setdefault(profile, deque()).append(entry)
+                    self.stats["created"] += 1
+                    cid = ""  # handed to the pool
+                else:
+                    close_stdin(wrapper, sock)
+        except (
+            docker.errors.DockerException,
+            requests.exceptions.RequestException,
+            SandboxError,
+        ) as exc:
+            log.warning("could not start a warm sandbox container: %s", exc)
+            with self._lock:
+                self._failed_at[profile] = time.monotonic()
+        finally:
+            with self._lock:
+                self._creating[profile] -= 1
+            if cid:
+                sandbox._remove(cid)
+                if not started_ok:
+                    end_orphaned_runtime_processes(cid)
+
+    def _discard(self, entry: _Warm) -> None:
+        close_stdin(entry.wrapper, entry.sock)
+        with self._lock:
+            self.stats["discarded"] += 1
+        self._submit(self.cold._remove, entry.container_id)
+
+    def _submit(self, fn: Any, arg: Any) -> None:
+        try:
+            future = self._executor.submit(fn, arg)
+        except RuntimeError:  # executor shut down (close() raced us): do it inline
+            with contextlib.suppress(Exception):
+                fn(arg)
+            return
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def settle(self, timeout_s: float = 60.0) -> bool:
+        """Wait until no create or remove is in flight and nothing is left to create (for
+        tests and benchmarks; a run never needs it). False if ``timeout_s`` passed first."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            with self._lock:
+                pending = set(self._pending)
+                busy = bool(pending) or any(self._creating.values()) or self._wants_more()
+            if not busy:
+                return True
+            if pending:
+                futures_wait(pending, timeout=0.2)
+            else:
+                time.sleep(0.05)
+        return False
+
+    def _wants_more(self) -> bool:
+        """Under the lock: would the refill loop create a container now (memory cap aside)?"""
+        now = time.monotonic()
+        memory = sum(p.memory_mb * len(d) for p, d in self._warm.items())
+        for profile in set(self._demand) | self._prewarm:
+            if now - self._failed_at.get(profile, -FAILURE_BACKOFF_S) < FAILURE_BACKOFF_S:
+                continue
+            short = self._target(profile, now) - len(self._warm.get(profile, ()))
+            if short > 0 and memory + profile.memory_mb <= self.max_memory_mb:
+                return True
+        return False
