@@ -16,6 +16,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+WORKER_PIDS: dict[str, int] = {}  # node name -> main process pid of running bench workers
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of one process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
 def pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -86,11 +102,16 @@ def redis_server() -> Iterator[str]:
 
 @contextmanager
 def celery_worker(
-    app: str, queue: str, broker_url: str, concurrency: int = 1, **env_extra: str
+    app: str,
+    queue: str,
+    broker_url: str,
+    concurrency: int = 1,
+    tag: str = "",
+    **env_extra: str,
 ) -> Iterator[str]:
     from celery import Celery
 
-    name = f"bench-{queue}-{os.getpid()}@localhost"
+    name = f"bench-{queue}-{os.getpid()}{tag}@localhost"
     env = dict(os.environ, ACTIONFLEET_BROKER_URL=broker_url, PYTHONPATH=str(ROOT), **env_extra)
     log = Path(tempfile.mkdtemp()) / "worker.log"
     proc = subprocess.Popen(
@@ -124,8 +145,10 @@ def celery_worker(
                 break
         else:
             raise RuntimeError(f"worker {name} did not start; see {log}")
+        WORKER_PIDS[name] = proc.pid
         yield name
     finally:
+        WORKER_PIDS.pop(name, None)
         probe.close()
         proc.terminate()
         proc.wait(60)

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from kombu import Exchange, Queue
+
 from producer.config import Settings
 
-__all__ = ["REDIS_PRIORITY_SEP", "REDIS_PRIORITY_STEPS", "celery_conf", "redis_priority"]
+__all__ = [
+    "REDIS_PRIORITY_SEP",
+    "REDIS_PRIORITY_STEPS",
+    "action_queues",
+    "celery_conf",
+    "redis_priority",
+]
 
 # Redis has no native priorities: kombu keeps one list per step and, by default, serves
 # the LOWEST number first. Our contract says 9 is most urgent, so we invert on send.
@@ -21,6 +29,18 @@ REDIS_PRIORITY_SEP = "\x06\x16"
 
 def redis_priority(priority: int) -> int:
     return 9 - priority
+
+
+def action_queues() -> list[Queue]:
+    """One direct exchange per queue, named like it. A bare ``Queue(name)`` would inherit
+    the default exchange and routing key, binding every primitive's queue to the same key,
+    so one code action would be delivered to every primitive's queue."""
+    from producer.models import PRIMITIVES, queue_for
+
+    return [
+        Queue(queue_for(p), Exchange(queue_for(p), type="direct"), routing_key=queue_for(p))
+        for p in PRIMITIVES
+    ]
 
 
 def celery_conf(settings: Settings, broker_url: str) -> dict[str, Any]:
@@ -48,5 +68,6 @@ def celery_conf(settings: Settings, broker_url: str) -> dict[str, Any]:
         },
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
         "task_default_queue": "actions.code",
+        "task_queues": action_queues(),
         "task_create_missing_queues": True,
     }

@@ -353,3 +353,29 @@ def test_sigkill_of_whole_worker_redelivers_to_next_worker(
         assert result.output is not None and result.output["stdout"] == "done\n"
     finally:
         second.stop()
+
+
+def test_an_action_is_delivered_to_its_own_queue_only(
+    redis_server: RedisServer, make_client: Callable[[str], ActionClient], tmp_path: Path
+) -> None:
+    """Workers of other primitives declare their queues (and bindings) on the broker; a code
+    action must still land on actions.code alone, never on their queues too."""
+    from workers.fleet import queue_depths
+
+    url = redis_server.url(10)
+    redis_server.client(10).flushdb()
+    others = start_worker(url, tmp_path / "w", queues="actions.files,actions.email")
+    try:
+        others.stop()  # bindings stay declared; nothing consumes now
+        client = make_client(url)
+        for _ in range(3):
+            client.submit(code_action("print(1)"))
+        depths = queue_depths(redis_server.client(10), ["code", "files", "email", "api"])
+        assert depths == {
+            "actions.code": 3,
+            "actions.files": 0,
+            "actions.email": 0,
+            "actions.api": 0,
+        }
+    finally:
+        others.stop()

@@ -30,7 +30,6 @@ from typing import Any
 
 from celery import Celery, Task, signals
 from celery.exceptions import Reject, Retry
-from kombu import Queue
 
 from producer.config import get_settings
 from producer.models import PRIMITIVES, queue_for, task_name_for
@@ -60,7 +59,6 @@ app.conf.update(
     # backend, and the late redelivery of the unacked message is answered from the
     # idempotency record instead of running again (docs/reliability.md).
     worker_cancel_long_running_tasks_on_connection_loss=False,
-    task_queues=[Queue(queue_for(p)) for p in PRIMITIVES],
     task_routes={task_name_for(p): {"queue": queue_for(p)} for p in PRIMITIVES},
     # Backstop only: the sandbox enforces each action's own timeout far earlier.
     task_time_limit=max(60, settings.visibility_timeout_s - 30),
