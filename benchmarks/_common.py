@@ -67,23 +67,10 @@ def table(rows: list[tuple[str, list[float]]], baseline: str) -> str:
 
 @contextmanager
 def redis_server() -> Iterator[str]:
-    from workers.fleet import free_port
+    from workers.fleet import free_port, redis_argv
 
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    proc = subprocess.Popen(redis_argv("redis-server", port), stdout=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     import redis
 
@@ -114,27 +101,13 @@ def celery_worker(
     name = f"bench-{queue}-{os.getpid()}{tag}@localhost"
     env = dict(os.environ, ACTIONFLEET_BROKER_URL=broker_url, PYTHONPATH=str(ROOT), **env_extra)
     log = Path(tempfile.mkdtemp()) / "worker.log"
+    from workers.fleet import celery_worker_argv
+
+    argv = celery_worker_argv(
+        queue, app=app, name=name, concurrency=concurrency, loglevel="WARNING"
+    )
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            app,
-            "worker",
-            "-Q",
-            queue,
-            "-n",
-            name,
-            "--concurrency",
-            str(concurrency),
-            "--without-mingle",
-            "--without-gossip",
-            "--loglevel",
-            "WARNING",
-            "--logfile",
-            str(log),
-        ],
+        [*argv, "--logfile", str(log)],
         env=env,
         cwd=ROOT,
     )

@@ -230,22 +230,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if unknown:
         _eprint(f"error: unknown primitive(s) {unknown}; choose from {', '.join(PRIMITIVES)}")
         return EXIT_INVALID
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
-        "worker",
-        "-Q",
+    from workers.fleet import celery_worker_argv
+
+    argv = celery_worker_argv(
         ",".join(queue_for(q) for q in queues),
-        "--loglevel",
-        args.loglevel,
-    ]
-    if args.concurrency:
-        argv += ["--concurrency", str(args.concurrency)]
-    if args.name:
-        argv += ["-n", args.name]
+        name=args.name,
+        concurrency=args.concurrency,
+        loglevel=args.loglevel,
+        quiet=False,
+    )
     os.execv(sys.executable, argv)
     return EXIT_FAILED  # pragma: no cover - execv does not return
 

@@ -256,3 +256,17 @@ def run_error(executor: Any, action: BrowseAction, policy: TenantPolicy | None =
     with pytest.raises(ActionError) as info:
         run(executor, action, policy)
     return info.value
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    """The local multi-page test site, served on loopback."""
+    with serve_site() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def browse_executor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A browse executor (its own Chromium) in this process, for in-process tests."""
+    with browse_executor_in(tmp_path_factory.mktemp("browse")) as executor:
+        yield executor

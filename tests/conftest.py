@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,9 +17,14 @@ import redis
 from producer.client import ActionClient
 from producer.config import Settings
 from tests.services import require
-from workers.fleet import free_port
+from workers.fleet import celery_worker_argv, free_port, redis_argv
 
-pytest_plugins = ["tests.fixtures_docker", "tests.tripwire"]
+pytest_plugins = [
+    "tests.fixtures_docker",
+    "tests.tripwire",
+    "tests.reliability_fixtures",
+    "tests.browse_fixtures",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_POLICY = Path(__file__).parent / "data" / "policy.yaml"
@@ -39,25 +43,14 @@ class RedisServer:
         return redis.Redis.from_url(self.url(db))
 
 
-def start_redis(tmp: Path, *, appendonly: bool = False) -> RedisServer:
+def start_redis(tmp: Path, *, appendonly: bool = False, port: int | None = None) -> RedisServer:
+    """A real redis-server on a free loopback port (or ``port``, e.g. to restart one)."""
     exe = shutil.which("redis-server")
     require(exe is not None, "redis-server (Debian package redis-server)")
     assert exe is not None
-    port = free_port()
+    port = port or free_port()
     tmp.mkdir(parents=True, exist_ok=True)
-    argv = [
-        exe,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--dir",
-        str(tmp),
-        "--appendonly",
-        "yes" if appendonly else "no",
-    ]
+    argv = redis_argv(exe, port, tmp, appendonly=appendonly)
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = RedisServer(port, proc, tmp)
     deadline = time.monotonic() + 10
@@ -135,22 +128,7 @@ def start_worker(
     log = home / f"{name.split('@')[0]}.log"
     env = worker_env(broker_url, home, **extra)
     argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
-        "worker",
-        "-Q",
-        queues,
-        "-n",
-        name,
-        "--concurrency",
-        str(concurrency),
-        "--loglevel",
-        "INFO",
-        "--without-mingle",
-        "--without-gossip",
+        *celery_worker_argv(queues, name=name, concurrency=concurrency),
         "--logfile",
         str(log),
     ]

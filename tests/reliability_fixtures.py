@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Worker, start_worker
+import pytest
+
+from tests.conftest import RedisServer, Worker, start_redis, start_worker
 from workers.executors.probe import read_log
 
 
@@ -50,6 +52,21 @@ def runs(probe_dir: Path) -> list[dict[str, Any]]:
 
 def effects(probe_dir: Path) -> Counter[str]:
     return Counter(e["action_id"] for e in read_log(probe_dir / "effects.log"))
+
+
+@pytest.fixture(scope="module")
+def redis_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the module's own (these tests restart and flush it)."""
+    server = start_redis(tmp_path_factory.mktemp("redis-own"))
+    yield server
+    server.proc.terminate()
+    server.proc.wait(10)
+
+
+def fresh_url(redis_own: RedisServer, db: int) -> str:
+    """The URL of database ``db``, emptied first."""
+    redis_own.client(db).flushdb()
+    return redis_own.url(db)
 
 
 def applied(probe_dir: Path) -> Counter[str]:

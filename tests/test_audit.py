@@ -336,25 +336,11 @@ def test_redis_down_workers_go_on_events_spool_then_flush(tmp_path: Path) -> Non
     mw.close()  # what could not be sent is on disk now
     assert list((tmp_path / "spool").glob("spool-*.jsonl"))
     # Redis comes up on that port; a new emitter (e.g. the restarted worker) replays.
-    from tests.conftest import RedisServer
+    from tests.conftest import start_redis
 
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    rs = start_redis(tmp_path / "redis", port=port)
+    proc = rs.proc
     try:
-        rs = RedisServer(port, proc, tmp_path)
-        wait_for(lambda: _pings(rs.client()), 10, "redis")
         mw2 = AuditMiddleware(url, spool_dir=tmp_path / "spool")
         run_action(make_pipeline(mw2), action("print(2)"))
         wait_for(lambda: stream_events(rs.client()) == 404, 30, "the spool to replay")
@@ -367,13 +353,6 @@ def test_redis_down_workers_go_on_events_spool_then_flush(tmp_path: Path) -> Non
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
 
 
 def test_a_burst_of_events_all_reach_the_stream(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ import os
 import signal
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +21,11 @@ from tests.browse_fixtures import (
     LOCAL_EGRESS,
     Site,
     browse_action,
-    browse_executor_in,
     run,
     run_error,
-    serve_site,
     tenant_policy,
 )
 from workers.middleware import ActionContext
-
-
-@pytest.fixture(scope="module")
-def site() -> Iterator[Site]:
-    with serve_site() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def browse_executor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with browse_executor_in(tmp_path_factory.mktemp("browse")) as executor:
-        yield executor
 
 
 def test_extracts_text_markdown_links_html_and_screenshot(browse_executor: Any, site: Site) -> None:

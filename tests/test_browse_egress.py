@@ -11,7 +11,6 @@ that skipped the proxy could not reach them.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -23,27 +22,13 @@ from tests.browse_fixtures import (
     RESOLVER,
     Site,
     browse_action,
-    browse_executor_in,
     run,
     run_error,
-    serve_site,
     tenant_policy,
 )
 from workers.egress import IPAddress
 
 pytestmark = pytest.mark.usefixtures("tripwire")
-
-
-@pytest.fixture(scope="module")
-def site() -> Iterator[Site]:
-    with serve_site() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def browse_executor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with browse_executor_in(tmp_path_factory.mktemp("browse-egress")) as executor:
-        yield executor
 
 
 def _subres(site: Site, src: str, tag: str = "img") -> str:

@@ -11,14 +11,8 @@ from typing import Any
 import pytest
 
 from producer.client import ActionClient
-from tests.browse_fixtures import Site, require_chromium, serve_site
+from tests.browse_fixtures import Site, require_chromium
 from tests.conftest import RedisServer, Worker, start_worker
-
-
-@pytest.fixture(scope="module")
-def site() -> Iterator[Site]:
-    with serve_site() as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -9,35 +9,27 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
-
 from producer.client import ActionClient
-from tests.conftest import RedisServer, start_redis
-from tests.reliability_fixtures import effects, probe_action, probe_worker, runs, wait_for
+from tests.conftest import RedisServer
+from tests.reliability_fixtures import (
+    effects,
+    fresh_url,
+    probe_action,
+    probe_worker,
+    runs,
+    wait_for,
+)
 from workers.limits import ConcurrencyLimiter, month_reset, quota_key
-
-
-@pytest.fixture(scope="module")
-def redis_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis-limits"))
-    yield server
-    server.proc.terminate()
-    server.proc.wait(10)
-
-
-def _url(redis_own: RedisServer, db: int) -> str:
-    redis_own.client(db).flushdb()
-    return redis_own.url(db)
 
 
 def test_rate_limit_holds_across_two_workers_and_spares_other_tenants(
     redis_own: RedisServer, make_client: Callable[[str], ActionClient], tmp_path: Path
 ) -> None:
-    url, probe = _url(redis_own, 1), tmp_path / "probe"
+    url, probe = fresh_url(redis_own, 1), tmp_path / "probe"
     workers = [
         probe_worker(url, tmp_path / f"w{i}", probe, concurrency=2, name=f"rl{i}@localhost")
         for i in range(2)
@@ -82,7 +74,7 @@ def test_rate_limit_holds_across_two_workers_and_spares_other_tenants(
 def test_on_limit_fail_returns_rate_limited_and_deadline_expires(
     redis_own: RedisServer, make_client: Callable[[str], ActionClient], tmp_path: Path
 ) -> None:
-    url, probe = _url(redis_own, 2), tmp_path / "probe"
+    url, probe = fresh_url(redis_own, 2), tmp_path / "probe"
     worker = probe_worker(url, tmp_path / "w", probe)
     try:
         client = make_client(url)
@@ -120,7 +112,7 @@ def _overlap(intervals: list[tuple[float, float]]) -> int:
 def test_concurrency_limit_holds_across_two_workers(
     redis_own: RedisServer, make_client: Callable[[str], ActionClient], tmp_path: Path
 ) -> None:
-    url, probe = _url(redis_own, 3), tmp_path / "probe"
+    url, probe = fresh_url(redis_own, 3), tmp_path / "probe"
     workers = [probe_worker(url, tmp_path / f"w{i}", probe, concurrency=3) for i in range(2)]
     try:
         client = make_client(url)
@@ -146,7 +138,7 @@ def test_concurrency_limit_holds_across_two_workers(
 def test_sigkilled_workers_lease_expires_and_the_slot_returns(
     redis_own: RedisServer, make_client: Callable[[str], ActionClient], tmp_path: Path
 ) -> None:
-    url, probe = _url(redis_own, 4), tmp_path / "probe"
+    url, probe = fresh_url(redis_own, 4), tmp_path / "probe"
     settings = {"lease_s": "2", "visibility_timeout_s": "600"}
     first = probe_worker(url, tmp_path / "a", probe, concurrency=1, **settings)
     client = make_client(url)
@@ -175,7 +167,7 @@ def test_sigkilled_workers_lease_expires_and_the_slot_returns(
 def test_quota_boundary_with_real_actions(
     redis_own: RedisServer, make_client: Callable[[str], ActionClient], tmp_path: Path
 ) -> None:
-    url, probe = _url(redis_own, 5), tmp_path / "probe"
+    url, probe = fresh_url(redis_own, 5), tmp_path / "probe"
     r = redis_own.client(5)
     now = datetime.now(UTC)
     counter = quota_key("quota1k", None, now)

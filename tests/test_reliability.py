@@ -11,10 +11,8 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from producer.client import ActionClient, ActionHandle
 from tests.conftest import RedisServer, start_redis
@@ -22,6 +20,7 @@ from tests.reliability_fixtures import (
     applied,
     effects,
     event_lines,
+    fresh_url,
     probe_action,
     probe_worker,
     runs,
@@ -31,23 +30,10 @@ from workers.executors.probe import read_log
 from workers.idempotency import IdempotencyStore
 
 
-@pytest.fixture(scope="module")
-def redis_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis-reliability"))
-    yield server
-    server.proc.terminate()
-    server.proc.wait(10)
-
-
-def _url(redis_own: RedisServer, db: int) -> str:
-    redis_own.client(db).flushdb()
-    return redis_own.url(db)
-
-
 def test_failing_twice_then_succeeding_is_retried(
     redis_own: RedisServer, make_client: Callable[[str], ActionClient], tmp_path: Path
 ) -> None:
-    url, probe = _url(redis_own, 1), tmp_path / "probe"
+    url, probe = fresh_url(redis_own, 1), tmp_path / "probe"
     worker = probe_worker(url, tmp_path / "w", probe)
     try:
         client = make_client(url)
@@ -87,7 +73,7 @@ def test_always_failing_is_dead_lettered_and_replay_runs_it_again(
 ) -> None:
     import json
 
-    url, probe = _url(redis_own, 2), tmp_path / "probe"
+    url, probe = fresh_url(redis_own, 2), tmp_path / "probe"
     worker = probe_worker(url, tmp_path / "w", probe)
     try:
         client = make_client(url)
@@ -130,7 +116,7 @@ def test_always_failing_is_dead_lettered_and_replay_runs_it_again(
 def test_duplicate_deliveries_execute_once(
     redis_own: RedisServer, make_client: Callable[[str], ActionClient], tmp_path: Path
 ) -> None:
-    url, probe = _url(redis_own, 3), tmp_path / "probe"
+    url, probe = fresh_url(redis_own, 3), tmp_path / "probe"
     worker = probe_worker(url, tmp_path / "w", probe, concurrency=3)
     try:
         client = make_client(url)
@@ -155,7 +141,7 @@ def test_duplicate_deliveries_execute_once(
 def test_kill9_mid_batch_every_action_one_result_one_effect(
     redis_own: RedisServer, make_client: Callable[[str], ActionClient], tmp_path: Path
 ) -> None:
-    url, probe = _url(redis_own, 4), tmp_path / "probe"
+    url, probe = fresh_url(redis_own, 4), tmp_path / "probe"
     settings = {"lease_s": "2", "visibility_timeout_s": "5"}
     doomed = probe_worker(url, tmp_path / "a", probe, concurrency=2, **settings)
     survivor = probe_worker(url, tmp_path / "b", probe, concurrency=2, **settings)
@@ -225,38 +211,13 @@ def test_redis_restart_mid_batch_loses_nothing(
 
 
 def _restart(old: RedisServer, directory: Path) -> RedisServer:
-    import redis
-
-    argv = [
-        "redis-server",
-        "--port",
-        str(old.port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--dir",
-        str(directory),
-        "--appendonly",
-        "yes",
-    ]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = RedisServer(old.port, proc, directory)
-    wait_for(lambda: _pings(server, redis), 20, "redis to restart")
-    return server
-
-
-def _pings(server: RedisServer, redis_mod: object) -> bool:
-    try:
-        return bool(server.client().ping())
-    except Exception:
-        return False
+    return start_redis(directory, appendonly=True, port=old.port)
 
 
 def test_sigterm_during_a_long_action_finishes_it_and_exits_cleanly(
     redis_own: RedisServer, make_client: Callable[[str], ActionClient], tmp_path: Path
 ) -> None:
-    url, probe = _url(redis_own, 5), tmp_path / "probe"
+    url, probe = fresh_url(redis_own, 5), tmp_path / "probe"
     worker = probe_worker(url, tmp_path / "w", probe, concurrency=1)
     client = make_client(url)
     long = client.submit(probe_action("acme", sleep_s=3, effect=True))

@@ -28,7 +28,16 @@ from producer.models import queue_for
 from producer.procs import pid_alive
 from producer.transport import REDIS_PRIORITY_SEP, REDIS_PRIORITY_STEPS
 
-__all__ = ["Fleet", "fleet_status", "free_port", "queue_depths", "read_fleet_file", "stop_fleet"]
+__all__ = [
+    "Fleet",
+    "celery_worker_argv",
+    "fleet_status",
+    "free_port",
+    "queue_depths",
+    "read_fleet_file",
+    "redis_argv",
+    "stop_fleet",
+]
 
 Say = Callable[[str], None]
 
@@ -37,6 +46,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def redis_argv(
+    exe: str, port: int, directory: Path | None = None, *, appendonly: bool = False
+) -> list[str]:
+    """A redis-server on loopback only, no RDB snapshots; AOF only when asked for."""
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    if directory is not None:
+        argv += ["--dir", str(directory)]
+    return [*argv, "--appendonly", "yes" if appendonly else "no"]
+
+
+def celery_worker_argv(
+    queues: str,
+    *,
+    app: str = "workers.app",
+    name: str | None = None,
+    concurrency: int | None = None,
+    loglevel: str = "INFO",
+    quiet: bool = True,
+) -> list[str]:
+    """``python -m celery -A app worker``; ``quiet`` skips mingle/gossip, which a fleet of
+    single-queue workers does not use and which slows start-up."""
+    argv = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues]
+    if name:
+        argv += ["-n", name]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    argv += ["--loglevel", loglevel]
+    if quiet:
+        argv += ["--without-mingle", "--without-gossip"]
+    return argv
 
 
 def read_fleet_file(settings: Settings) -> dict[str, Any] | None:
@@ -157,19 +198,7 @@ class Fleet:
         data.mkdir(parents=True, exist_ok=True)
         self.redis = _Child(
             "redis",
-            [
-                exe,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(data.resolve()),
-            ],
+            redis_argv(exe, port, data.resolve()),
             self.settings.home / "logs" / "redis.log",
             dict(os.environ),
         )
@@ -202,24 +231,7 @@ class Fleet:
     def _worker(self, primitive: str) -> _Child:
         env = self._child_env()
         name = f"{primitive}.{os.getpid()}@{socket.gethostname()}"
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.app",
-            "worker",
-            "-Q",
-            queue_for(primitive),
-            "-n",
-            name,
-            "--concurrency",
-            str(self.concurrency),
-            "--loglevel",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-        ]
+        argv = celery_worker_argv(queue_for(primitive), name=name, concurrency=self.concurrency)
         return _Child(name, argv, self.settings.home / "logs" / f"worker-{primitive}.log", env)
 
     def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
