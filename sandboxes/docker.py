@@ -51,7 +51,6 @@ from docker.types import LogConfig, Mount, Ulimit
 
 from producer.config import get_settings
 from producer.errors import SandboxError
-from producer.procs import pid_alive
 from sandboxes.base import (
     SANDBOX_UID,
     WORKSPACE_MOUNT,
@@ -62,6 +61,17 @@ from sandboxes.base import (
     Usage,
 )
 from sandboxes.image import ensure_image
+from sandboxes.reaper import (
+    LABEL_EXPIRES,
+    LABEL_OWNER,
+    LABEL_PREFIX,
+    LABEL_RUNTIME,
+    LABEL_SANDBOX,
+    end_orphaned_runtime_processes,
+    list_sandbox_containers,
+    owner_label,
+    reap_containers,
+)
 
 __all__ = [
     "LABEL_EXPIRES",
@@ -80,12 +90,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LABEL_PREFIX = "actionfleet."
-LABEL_SANDBOX = "actionfleet.sandbox"
-LABEL_OWNER = "actionfleet.owner"
-LABEL_EXPIRES = "actionfleet.expires"
-LABEL_RUNTIME = "actionfleet.runtime"
-SANDBOX_FILTER = {"label": f"{LABEL_SANDBOX}=1"}
 
 # Beyond timeout + grace, how long a container may exist before any process may reap it:
 # covers a slow create/start, sending a large stdin, reading the log and removing.
@@ -100,8 +104,6 @@ EXIT_SIGKILL = 128 + signal.SIGKILL  # 137: how Docker reports a SIGKILLed PID 1
 # process (measured). Hitting that cgroup limit crashes the sentry (exit 2, no result), so
 # under runsc the guest's process count is limited by RLIMIT_NPROC (which gVisor enforces
 # per sandbox) and the host cgroup limit is only a backstop sized above it.
-RUNTIME_PROCESS_PREFIXES = (b"containerd-shim", b"runsc")
-ORPHAN_SETTLE_S = 1.0
 RUNSC_HOST_TASKS_BASE = 64
 RUNSC_HOST_TASKS_PER_PROC = 20  # a bash fork bomb crashed the sentry at 10, not at 16
 
@@ -150,88 +152,6 @@ def json_frame(line: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return frame if isinstance(frame, dict) and frame.get("v") == 1 else None
-
-
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def list_sandbox_containers(client: docker.DockerClient) -> list[dict[str, Any]]:
-    """Every ActionFleet sandbox container the engine has, running or not (API dicts)."""
-    return client.api.containers(all=True, filters=SANDBOX_FILTER)
-
-
-def _is_stale(labels: dict[str, str], now: float, host: str) -> bool:
-    """Past its expiry, or owned by a process of this host that no longer exists."""
-    try:
-        if float(labels.get(LABEL_EXPIRES, "0")) < now:
-            return True
-    except ValueError:
-        return True  # a sandbox label we cannot read is nobody's live run
-    owner_host, _, owner_pid = labels.get(LABEL_OWNER, "").rpartition(":")
-    if owner_host == host and owner_pid.isdigit():
-        return not pid_alive(int(owner_pid))
-    return False
-
-
-def reap_containers(client: docker.DockerClient, *, everything: bool = False) -> int:
-    """Remove stale sandbox containers (or all of them); returns how many were removed."""
-    now, host, removed = time.time(), socket.gethostname(), 0
-    for info in list_sandbox_containers(client):
-        if not everything and not _is_stale(info.get("Labels") or {}, now, host):
-            continue
-        try:
-            client.api.remove_container(info["Id"], force=True)
-            removed += 1
-        except docker.errors.NotFound:
-            pass  # its own run removed it meanwhile
-        except docker.errors.APIError as exc:
-            log.warning("could not reap sandbox container %s: %s", info["Id"][:12], exc)
-    return removed
-
-
-def _runtime_processes_of(container_id: str) -> list[int]:
-    """Local containerd-shim / runsc processes whose command line names ``container_id``."""
-    needle, found = container_id.encode(), []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue  # exited meanwhile
-        program = os.path.basename(cmdline.split(b"\0", 1)[0])
-        if program.startswith(RUNTIME_PROCESS_PREFIXES) and needle in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
-def end_orphaned_runtime_processes(container_id: str) -> int:
-    """Kill what a failed start left behind for a container that is already removed.
-
-    Measured here: when gVisor fails at "starting sandbox" (e.g. a bad mount), dockerd
-    reports the error and removes the container, but its containerd-shim keeps running
-    forever. Only processes naming this exact container id are touched, after a short
-    wait in which a healthy shim exits by itself. Returns how many were killed. A no-op
-    when the engine runs on another host (nothing local names the id).
-    """
-    deadline = time.monotonic() + ORPHAN_SETTLE_S
-    while (pids := _runtime_processes_of(container_id)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    if pids:
-        log.warning("killed %d orphaned runtime process(es) of %s", len(pids), container_id[:12])
-        # SIGKILL is asynchronous. containerd notices the dead shim and runs its own
-        # cleanup (`containerd-shim ... delete`, `runsc delete`), which must be left alone.
-        deadline = time.monotonic() + ORPHAN_SETTLE_S
-        while set(pids) & set(_runtime_processes_of(container_id)):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-    return len(pids)
 
 
 class DockerSandbox:
@@ -321,7 +241,7 @@ class DockerSandbox:
         labels.update(  # after the caller's, so they cannot be overridden
             {
                 LABEL_SANDBOX: "1",
-                LABEL_OWNER: _owner(),
+                LABEL_OWNER: owner_label(),
                 LABEL_EXPIRES: str(int(expires) + 1),
                 LABEL_RUNTIME: self.runtime,
             }

@@ -60,7 +60,7 @@ from sandboxes.docker import (
     json_frame,
     parse_frame,
 )
-from sandboxes.docker import _owner as owner_label
+from sandboxes.reaper import owner_label
 
 __all__ = ["LABEL_POOL", "PooledDockerSandbox", "Profile"]
 

@@ -45,8 +45,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from producer.errors import ActionError, Conflict, NotFound, QuotaExceeded, ValidationError_
+from producer.errors import ActionError, Conflict, NotFound, QuotaExceeded
 from sandboxes.base import SANDBOX_UID
+from workers.paths import (
+    MAX_COMPONENT_BYTES,
+    MAX_PATH_BYTES,
+    TMP_PREFIX,
+    bad_path,
+    show,
+    split_path,
+    tenant_dirname,
+)
 
 __all__ = [
     "MAX_COMPONENT_BYTES",
@@ -59,9 +68,6 @@ __all__ = [
     "tenant_dirname",
 ]
 
-MAX_COMPONENT_BYTES = 255
-MAX_PATH_BYTES = 4096
-TMP_PREFIX = ".af-tmp-"  # in-flight atomic writes; not counted, never listed
 LOCK_DIR = ".locks"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -88,50 +94,6 @@ class FileData:
     modified: str
 
 
-def _bad_path(field: str, reason: str, fix: str) -> ValidationError_:
-    return ValidationError_(f"{field}: {reason}; {fix}", field=field, reason=reason, fix=fix)
-
-
-def split_path(path: str, field: str = "payload.path") -> list[str]:
-    """Validate a workspace path as text; returns its components ([] is the root)."""
-    if "\x00" in path:
-        raise _bad_path(field, "the path contains a NUL byte", "remove it")
-    if any(ord(c) < 0x20 or c == "\x7f" for c in path):
-        raise _bad_path(field, "the path contains a control character", "use printable names")
-    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
-        raise _bad_path(
-            field, f"the path is longer than {MAX_PATH_BYTES} bytes", "use a shorter path"
-        )
-    if path.startswith("/"):
-        raise _bad_path(
-            field,
-            "absolute paths are not allowed",
-            "give a path relative to the workspace root, e.g. 'data/in.csv'",
-        )
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    for part in parts:
-        if part == "..":
-            raise _bad_path(field, "'..' is not allowed", "give a path inside the workspace")
-        if len(part.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES:
-            raise _bad_path(
-                field,
-                f"the name {part[:40]!r}... is longer than {MAX_COMPONENT_BYTES} bytes",
-                "use shorter names",
-            )
-        if part.startswith(TMP_PREFIX):
-            raise _bad_path(field, f"names starting {TMP_PREFIX!r} are reserved", "rename it")
-    return parts
-
-
-def tenant_dirname(tenant_id: str) -> str:
-    """One safe directory name per tenant id (ids may contain '/'; '%' is not allowed in
-    ids, so the escaping cannot collide)."""
-    name = tenant_id.replace("/", "%2F")
-    if not name or name.startswith(".") or len(name.encode()) > MAX_COMPONENT_BYTES:
-        raise ValidationError_(f"tenant id {tenant_id!r} cannot name a workspace")
-    return name
-
-
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
@@ -144,10 +106,6 @@ def _type_of(mode: int) -> EntryType:
     if stat.S_ISLNK(mode):
         return "symlink"
     return "other"
-
-
-def _show(parts: list[str]) -> str:
-    return "/".join(parts) or "."
 
 
 def _libc_renameat2() -> Callable[..., int] | None:
@@ -253,7 +211,7 @@ class TenantWorkspace:
     def _not_a_dir(self, st: os.stat_result | None, shown: str, field: str) -> ActionError:
         kind = _type_of(st.st_mode) if st is not None else "other"
         if kind == "symlink":
-            return _bad_path(
+            return bad_path(
                 field,
                 f"{shown!r} is a symbolic link; links are never followed in the workspace",
                 "use the real path of the directory",
@@ -272,14 +230,14 @@ class TenantWorkspace:
         """(descriptor of the parent directory, last name). ``create``: make missing
         parent directories (each one is created with mkdirat, then opened O_NOFOLLOW)."""
         if not parts:
-            raise _bad_path(
+            raise bad_path(
                 field, "the workspace root itself cannot be used here", "name a file in it"
             )
         with self.root_fd() as root:
             fd = os.dup(root)
             try:
                 for i, name in enumerate(parts[:-1]):
-                    shown = _show(parts[: i + 1])
+                    shown = show(parts[: i + 1])
                     if create:
                         with contextlib.suppress(FileExistsError):
                             os.mkdir(name, 0o750, dir_fd=fd)
@@ -288,7 +246,7 @@ class TenantWorkspace:
                     os.close(fd)
                     fd = nxt
                 if self.before_final is not None:
-                    self.before_final(_show(parts))
+                    self.before_final(show(parts))
                 yield fd, parts[-1]
             finally:
                 os.close(fd)
@@ -300,7 +258,7 @@ class TenantWorkspace:
             fd = os.dup(root)
             try:
                 for i, name in enumerate(parts):
-                    nxt = self._open_dir(fd, name, _show(parts[: i + 1]), field)
+                    nxt = self._open_dir(fd, name, show(parts[: i + 1]), field)
                     os.close(fd)
                     fd = nxt
                 yield fd
@@ -391,7 +349,7 @@ class TenantWorkspace:
                     except FileNotFoundError:
                         return len(parts) - 1 - i
                     except OSError:
-                        nxt = self._open_dir(fd, name, _show(parts[: i + 1]), field)
+                        nxt = self._open_dir(fd, name, show(parts[: i + 1]), field)
                     os.close(fd)
                     fd = nxt
                 return 0
@@ -402,7 +360,7 @@ class TenantWorkspace:
 
     def read(self, path: str, max_bytes: int, field: str = "payload.path") -> FileData:
         parts = split_path(path, field)
-        shown = _show(parts)
+        shown = show(parts)
         with self._parent(parts, field) as (dfd, name):
             fd = self._open_file(dfd, name, shown, field)
             try:
@@ -455,7 +413,7 @@ class TenantWorkspace:
         if kind != "file":
             raise self._refuse_type(kind, shown, field)
         if st.st_nlink > 1:
-            raise _bad_path(
+            raise bad_path(
                 field,
                 f"{shown!r} has {st.st_nlink} hard links; hard-linked files are refused",
                 "copy the data to a new file instead of linking it",
@@ -470,12 +428,12 @@ class TenantWorkspace:
                 path=shown,
             )
         if kind == "symlink":
-            return _bad_path(
+            return bad_path(
                 field,
                 f"{shown!r} is a symbolic link; links are never followed in the workspace",
                 "use the real path, or delete the link",
             )
-        return _bad_path(
+        return bad_path(
             field,
             f"{shown!r} is a device, FIFO or socket; only regular files can be used",
             "delete it or use another path",
@@ -486,7 +444,7 @@ class TenantWorkspace:
     ) -> dict[str, Any]:
         """Atomic replace: temp file in the same directory, fsync, renameat, fsync dir."""
         parts = split_path(path, field)
-        shown = _show(parts)
+        shown = show(parts)
         if len(data) > quota.max_file_bytes:
             raise QuotaExceeded(
                 f"the content is {len(data)} bytes, above the tenant's limit of "
@@ -515,7 +473,7 @@ class TenantWorkspace:
         }
 
     def _existing_for_write(self, parts: list[str], field: str) -> os.stat_result | None:
-        shown = _show(parts)
+        shown = show(parts)
         with self._parent(parts, field) as (dfd, name):
             st = self._lstat(dfd, name)
             if st is not None:
@@ -555,12 +513,12 @@ class TenantWorkspace:
                 st = self._lstat(dfd, name)
             if st is None:
                 raise NotFound(
-                    f"{field}: {_show(parts)!r} does not exist; check the path with op 'list'",
+                    f"{field}: {show(parts)!r} does not exist; check the path with op 'list'",
                     field=field,
-                    path=_show(parts),
+                    path=show(parts),
                 )
         return {
-            "path": _show(parts),
+            "path": show(parts),
             "type": _type_of(st.st_mode),
             "size": st.st_size,
             "modified": _iso(st.st_mtime),
@@ -588,11 +546,11 @@ class TenantWorkspace:
                     }
                 )
         entries.sort(key=lambda e: e["name"])
-        return {"path": _show(parts), "entries": entries, "truncated": truncated}
+        return {"path": show(parts), "entries": entries, "truncated": truncated}
 
     def mkdir(self, path: str, quota: Quota, field: str = "payload.path") -> dict[str, Any]:
         parts = split_path(path, field)
-        shown = _show(parts)
+        shown = show(parts)
         if not parts:
             return {"path": shown, "created": False}
         with self._locked():
@@ -621,7 +579,7 @@ class TenantWorkspace:
     def delete(self, path: str, field: str = "payload.path") -> dict[str, Any]:
         """Files, symlinks (the link itself) and directories (recursively, fd-based)."""
         parts = split_path(path, field)
-        shown = _show(parts)
+        shown = show(parts)
         with self._parent(parts, field) as (dfd, name):
             st = self._lstat(dfd, name)
             if st is None:
@@ -661,9 +619,9 @@ class TenantWorkspace:
         """Rename within the workspace; refuses to replace anything (RENAME_NOREPLACE)."""
         sparts = split_path(src, "payload.path")
         dparts = split_path(dest, "payload.dest")
-        sshown, dshown = _show(sparts), _show(dparts)
+        sshown, dshown = show(sparts), show(dparts)
         if sparts == dparts[: len(sparts)]:
-            raise _bad_path(
+            raise bad_path(
                 "payload.dest",
                 f"cannot move {sshown!r} into itself ({dshown!r})",
                 "choose a destination outside the source",
