@@ -1,8 +1,11 @@
 """``AuditMiddleware``: the pipeline's lifecycle events into a Redis stream.
 
-Workers never open ClickHouse. ``on_event`` only snapshots the event and puts it on an
-in-process queue (microseconds); a background thread redacts, encodes and XADDs in
-pipelined chunks, several events per stream entry (``audit.events.pack``). When Redis
+Workers never open ClickHouse. ``on_event`` only snapshots the event and appends it to
+an in-process buffer (microseconds, no lock); a background thread wakes every
+``linger_s`` (or as soon as a chunk is full), then redacts, encodes and XADDs everything
+buffered in pipelined chunks, many events per stream entry (``audit.events.pack``). The
+linger is what keeps the stream cheap under load: one round trip per batch of events
+instead of one per event, at the price of up to ``linger_s`` of audit delay. When Redis
 is unreachable, events wait in memory and, past a bound (or at close), in durable spool
 files that any later emitter on the same spool dir replays. Nothing is dropped and the
 action is never failed or slowed by the audit path.
@@ -13,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import threading
 import time
 from collections import deque
@@ -47,6 +49,7 @@ class AuditMiddleware(Middleware):
         chunk: int = 500,
         redis_timeout_s: float = 2.0,
         close_timeout_s: float = 5.0,
+        linger_s: float = 0.02,
     ) -> None:
         self.redis_url = redis_url
         self.stream = stream
@@ -57,12 +60,16 @@ class AuditMiddleware(Middleware):
         self.chunk = chunk
         self.redis_timeout_s = redis_timeout_s
         self.close_timeout_s = close_timeout_s
+        self.linger_s = linger_s
         self.sent = 0  # events XADDed by this process (tests and `status` read it)
         self.spilled = 0
         self._pid = -1
         self._closing = False
         self._start_lock = threading.Lock()
-        self._q: queue.Queue[EventSnapshot] = queue.Queue(maxsize=max_buffer)
+        # deque.append/popleft are atomic under the GIL: the action thread never waits on
+        # a lock or wakes the flusher per event (a queue.Queue did both).
+        self._pending: deque[EventSnapshot] = deque()
+        self._wake = threading.Event()
         self._backlog: deque[bytes] = deque()  # encoded, waiting for Redis
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -76,13 +83,15 @@ class AuditMiddleware(Middleware):
         try:
             snap = snapshot(event)
             self._ensure_thread()
-            try:
-                self._q.put_nowait(snap)
-                self._idle.clear()
-            except queue.Full:
+            if len(self._pending) >= self.max_buffer:
                 # The flusher is far behind (Redis down for long): keep the event on disk
                 # rather than block the action or drop the event.
                 self._spill([encode(self._build(snap))])
+                return
+            self._pending.append(snap)
+            self._idle.clear()
+            if len(self._pending) >= self.chunk:
+                self._wake.set()
         except Exception:  # the audit trail must never fail an action
             log.exception("audit: could not record a %s event", getattr(event, "stage", "?"))
 
@@ -91,7 +100,7 @@ class AuditMiddleware(Middleware):
             return
         with self._start_lock:
             if self._pid != os.getpid():  # forked: the parent's queue and socket are not ours
-                self._q = queue.Queue(maxsize=self.max_buffer)
+                self._pending = deque()
                 self._backlog = deque()
                 self._redis = None
                 self._pid = os.getpid()
@@ -123,15 +132,14 @@ class AuditMiddleware(Middleware):
             pipe.execute()
         self.sent += len(blobs)
 
-    def _drain_queue(self, wait_s: float) -> None:
-        try:
-            first = self._q.get(timeout=wait_s)
-        except queue.Empty:
-            return
-        batch = [first]
-        with contextlib.suppress(queue.Empty):
+    def _drain_pending(self, wait_s: float) -> None:
+        if wait_s > 0:
+            self._wake.wait(wait_s)
+        self._wake.clear()
+        batch: list[EventSnapshot] = []
+        with contextlib.suppress(IndexError):
             while len(batch) < self.chunk * 4:
-                batch.append(self._q.get_nowait())
+                batch.append(self._pending.popleft())
         for snap in batch:
             try:
                 self._backlog.append(encode(self._build(snap)))
@@ -154,9 +162,9 @@ class AuditMiddleware(Middleware):
         last_spool_check = 0.0
         while True:
             stopping = self._stop.is_set()
-            self._drain_queue(0.0 if stopping else (delay if self._down_since else 0.05))
+            self._drain_pending(0.0 if stopping else (delay if self._down_since else self.linger_s))
             now = time.monotonic()
-            if not self._backlog and self._q.empty() and self._down_since is None:
+            if not self._backlog and not self._pending and self._down_since is None:
                 if now - last_spool_check > 5.0:  # pick up files other processes left
                     last_spool_check = now
                     with contextlib.suppress(Exception):
@@ -199,8 +207,9 @@ class AuditMiddleware(Middleware):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._thread is None or not self._thread.is_alive():
-                return self._q.empty() and not self._backlog
-            if self._idle.wait(0.02) and self._q.empty() and not self._backlog:
+                return not self._pending and not self._backlog
+            self._wake.set()  # no lingering: someone is waiting
+            if self._idle.wait(0.02) and not self._pending and not self._backlog:
                 return True
         return False
 
@@ -216,11 +225,8 @@ class AuditMiddleware(Middleware):
                 self._thread.join(self.close_timeout_s)
             if self._thread is None or not self._thread.is_alive():
                 leftovers = list(self._backlog)
-                while True:
-                    try:
-                        leftovers.append(encode(self._build(self._q.get_nowait())))
-                    except queue.Empty:
-                        break
+                while self._pending:
+                    leftovers.append(encode(self._build(self._pending.popleft())))
                 if leftovers:
                     self._spill(leftovers)
                     self._backlog.clear()

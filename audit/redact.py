@@ -15,6 +15,7 @@ anyone with the table guess the secret offline.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -72,6 +73,20 @@ class Scrubber:
 
 
 def is_sensitive(key: str, names: frozenset[str]) -> bool:
+    # Payload keys repeat across actions (``path``, ``headers``…): remembering the answer
+    # for short keys saves most of the audit's redaction time. Long keys are not kept, so
+    # adversarial keys cannot make the cache big.
+    if len(key) <= 64:
+        return _is_sensitive_cached(key, names)
+    return _is_sensitive(key, names)
+
+
+@functools.lru_cache(maxsize=4_096)
+def _is_sensitive_cached(key: str, names: frozenset[str]) -> bool:
+    return _is_sensitive(key, names)
+
+
+def _is_sensitive(key: str, names: frozenset[str]) -> bool:
     norm = key.lower().replace("-", "_").replace(".", "_")
     if norm in names:
         return True

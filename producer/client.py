@@ -14,7 +14,7 @@ from kombu.exceptions import OperationalError
 from producer.config import Settings, get_settings
 from producer.errors import FleetUnavailable, InvalidAction, ResultTimeout, UnsupportedPrimitive
 from producer.models import Action, ActionResult, queue_for, task_name_for
-from producer.transport import celery_conf, redis_priority
+from producer.transport import celery_conf, kwargs_repr, redis_priority
 from producer.validation import parse_action
 
 READY_STATES = states.READY_STATES
@@ -130,6 +130,8 @@ class ActionClient:
                 queue=queue_for(action.primitive),
                 task_id=action.action_id,
                 priority=redis_priority(action.priority),
+                argsrepr="()",
+                kwargsrepr=kwargs_repr(action.primitive, action.action_id, action.tenant_id),
             )
         except OperationalError as exc:
             raise FleetUnavailable(f"broker at {self._safe_url()} does not answer: {exc}") from exc

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     flower_host: str = Field("127.0.0.1", description="bind address of Flower")
     flower_port: int = Field(0, ge=0, le=65535, description="Flower port; 0: free port")
     flower_user: str = Field("admin", min_length=1, description="Flower basic-auth user")
+    # Celery task events cost a few Redis PUBLISHes per action (a third of a trivial
+    # action's throughput). Flower turns them on by broadcast while it watches.
+    task_events: bool = Field(False, description="always send Celery task events")
     flower_password: SecretStr | None = Field(
         None, description="Flower basic-auth password; generated and printed when unset"
     )

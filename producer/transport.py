@@ -17,6 +17,7 @@ __all__ = [
     "REDIS_PRIORITY_STEPS",
     "action_queues",
     "celery_conf",
+    "kwargs_repr",
     "redis_priority",
 ]
 
@@ -29,6 +30,16 @@ REDIS_PRIORITY_SEP = "\x06\x16"
 
 def redis_priority(priority: int) -> int:
     return 9 - priority
+
+
+def kwargs_repr(primitive: str, action_id: str, tenant_id: str) -> str:
+    """What Celery shows of a task's arguments (message headers, Flower, worker logs).
+
+    Celery would otherwise walk the whole message to build a ``repr`` on every send:
+    that cost ~0.4 ms per action, and it copied payloads (email bodies, API bodies) into
+    headers and dashboards where no redaction applies.
+    """
+    return f"{{'message': <{primitive} action {action_id} of tenant {tenant_id}>}}"
 
 
 def action_queues() -> list[Queue]:

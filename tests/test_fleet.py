@@ -165,6 +165,32 @@ def test_invalid_messages_never_reach_the_broker(
     assert redis_server.client(db).dbsize() == 0
 
 
+def test_message_headers_name_the_action_not_its_payload(
+    redis_server: RedisServer, make_client: Callable[[str], ActionClient]
+) -> None:
+    # Celery copies a repr of the task arguments into the message headers, which Flower
+    # and worker logs show unredacted: the payload must only travel in the body.
+    import base64
+
+    db = 9
+    redis_server.client(db).flushdb()
+    client = make_client(redis_server.url(db))
+    marker = "s3cr3t-payload-marker"
+    handle = client.submit(code_action(f"print({marker!r})"))
+    raw = [
+        v
+        for k in redis_server.client(db).keys("actions.code*")
+        for v in redis_server.client(db).lrange(k, 0, -1)
+    ]
+    assert len(raw) == 1
+    message = json.loads(raw[0])
+    headers = json.dumps(message["headers"])
+    assert marker not in headers
+    assert handle.action_id in message["headers"]["kwargsrepr"]
+    assert message["headers"]["argsrepr"] == "()"
+    assert marker in base64.b64decode(message["body"]).decode()  # the body carries it
+
+
 def _containers_of(docker_client, action_id: str) -> list:
     return docker_client.containers.list(
         all=True, filters={"label": f"actionfleet.action_id={action_id}"}

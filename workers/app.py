@@ -33,7 +33,7 @@ from celery.exceptions import Reject, Retry
 
 from producer.config import get_settings
 from producer.models import PRIMITIVES, queue_for, task_name_for
-from producer.transport import celery_conf
+from producer.transport import celery_conf, kwargs_repr
 from workers.executors import ExecutorRegistry
 from workers.middleware import ActionContext, LogMiddleware
 from workers.pipeline import Pipeline
@@ -62,8 +62,9 @@ app.conf.update(
     task_routes={task_name_for(p): {"queue": queue_for(p)} for p in PRIMITIVES},
     # Backstop only: the sandbox enforces each action's own timeout far earlier.
     task_time_limit=max(60, settings.visibility_timeout_s - 30),
-    worker_send_task_events=True,
-    task_send_sent_event=True,
+    # Off unless asked for: Flower enables them by broadcast while it runs (config.py).
+    worker_send_task_events=settings.task_events,
+    task_send_sent_event=settings.task_events,
     worker_hijack_root_logger=False,
     # Survive a broker restart: reconnect forever, notice dead sockets (docs/reliability.md).
     broker_connection_retry=True,
@@ -126,7 +127,9 @@ def _attempt(task: Task, state: RetryState) -> int:
 
 
 def _make_task(primitive: str) -> Any:
-    @app.task(name=task_name_for(primitive), bind=True)
+    # The result's repr is only for Celery's log line and task events: cap it, or Celery
+    # walks the whole result on every success.
+    @app.task(name=task_name_for(primitive), bind=True, resultrepr_maxsize=200)
     def run_action(
         self: Task, message: dict[str, Any], retry_state: dict[str, Any] | None = None
     ) -> dict[str, Any]:
@@ -148,6 +151,9 @@ def _make_task(primitive: str) -> Any:
                 kwargs={"message": message, "retry_state": ctx.reschedule.state},
                 countdown=ctx.reschedule.countdown_s,
                 max_retries=None,
+                argsrepr="()",
+                kwargsrepr=self.request.kwargsrepr
+                or kwargs_repr(primitive, ctx.action_id or "?", str(message.get("tenant_id"))),
             )
         except Retry:
             raise

@@ -90,6 +90,8 @@ class LogMiddleware(Middleware):
         self.log = logger or logging.getLogger("actionfleet.events")
 
     def on_event(self, event: LifecycleEvent) -> None:
+        if not self.log.isEnabledFor(logging.INFO):  # the JSON costs more than the action
+            return
         ctx = event.ctx
         record: dict[str, Any] = {
             "stage": event.stage,
