@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery, Task, signals
 from celery.exceptions import Reject, Retry
@@ -48,6 +49,9 @@ DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
 app = Celery("actionfleet")
 app.conf.update(celery_conf(settings, settings.resolved_broker_url() or DEFAULT_BROKER))
+if urlsplit(app.conf.result_backend).scheme in ("redis", "rediss"):
+    # One round trip stores the result and the pipeline's settle writes (workers/backend.py).
+    app.backend_cls = "workers.backend:FleetRedisBackend"
 app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
@@ -167,6 +171,20 @@ def _make_task(primitive: str) -> Any:
 
 
 TASKS = {p: _make_task(p) for p in PRIMITIVES}
+
+
+@signals.task_postrun.connect
+def _run_leftover_riders(**_: Any) -> None:
+    # Settle writes meant to ride with the result, when the task stored none (it rejected
+    # the message back to the queue): run them now, never with the next task's result.
+    from workers.backend import run_riders, take_riders
+
+    riders = take_riders()
+    if riders:
+        try:
+            run_riders(app.backend.client, riders)
+        except Exception:  # leases lapse on their own; the claim expires with its lease
+            log.exception("could not run %d settle writes", len(riders))
 
 
 @signals.worker_process_shutdown.connect

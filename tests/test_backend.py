@@ -1,0 +1,95 @@
+"""The fleet's result backend (workers/backend.py) on a real redis-server: an atomic
+check-and-store that never overwrites a SUCCESS, publishes like Celery's, and carries the
+pipeline's settle writes in the same transaction."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery, states
+
+from tests.conftest import RedisServer
+from workers.backend import FleetRedisBackend, Rider, ride_with_result, take_riders
+
+DB = 11
+SET_ARG = "redis.call('SET', KEYS[1], ARGV[1]) return 1"
+
+
+@pytest.fixture
+def app(redis_server: RedisServer) -> Iterator[Celery]:
+    redis_server.client(DB).flushdb()
+    url = redis_server.url(DB)
+    celery = Celery("backend-test", set_as_current=False, broker=url, backend=url)
+    celery.conf.result_serializer = "json"
+    celery.backend_cls = "workers.backend:FleetRedisBackend"
+    yield celery
+    take_riders()  # nothing leaks into the next test
+    celery.close()
+
+
+def _stored(redis_server: RedisServer, task_id: str) -> dict:
+    raw = redis_server.client(DB).get(f"celery-task-meta-{task_id}")
+    assert raw is not None
+    return json.loads(raw)
+
+
+def test_stores_publishes_and_keeps_the_expiry(app: Celery, redis_server: RedisServer) -> None:
+    assert isinstance(app.backend, FleetRedisBackend)
+    task_id = str(uuid.uuid4())
+    pubsub = redis_server.client(DB).pubsub()
+    pubsub.subscribe(f"celery-task-meta-{task_id}")
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    app.backend.store_result(task_id, {"status": "succeeded"}, states.SUCCESS)
+    meta = _stored(redis_server, task_id)
+    assert (meta["status"], meta["result"], meta["task_id"]) == (
+        "SUCCESS",
+        {"status": "succeeded"},
+        task_id,
+    )
+    message = pubsub.get_message(timeout=5)
+    assert message is not None and json.loads(message["data"])["status"] == "SUCCESS"
+    ttl = redis_server.client(DB).ttl(f"celery-task-meta-{task_id}")
+    assert 0 < ttl <= app.backend.expires
+    # The client side (a plain Celery backend) reads it back.
+    assert app.AsyncResult(task_id).get(timeout=5) == {"status": "succeeded"}
+    pubsub.close()
+
+
+def test_a_success_is_never_overwritten(app: Celery, redis_server: RedisServer) -> None:
+    task_id = str(uuid.uuid4())
+    app.backend.store_result(task_id, {"n": 1}, states.SUCCESS)
+    app.backend.store_result(task_id, {"n": 2}, states.RETRY)
+    app.backend.store_result(task_id, {"n": 3}, states.SUCCESS)
+    assert _stored(redis_server, task_id)["result"] == {"n": 1}
+    other = str(uuid.uuid4())  # a non-final state is replaced as usual
+    app.backend.store_result(other, None, states.RETRY)
+    app.backend.store_result(other, {"n": 4}, states.SUCCESS)
+    assert _stored(redis_server, other)["result"] == {"n": 4}
+
+
+def test_riders_run_once_in_the_same_transaction(app: Celery, redis_server: RedisServer) -> None:
+    r = redis_server.client(DB)
+    ride_with_result(Rider(SET_ARG, ("rider:a",), ("1",)))
+    ride_with_result(Rider(SET_ARG, ("rider:b",), ("2",)))
+    first = str(uuid.uuid4())
+    app.backend.store_result(first, 1, states.SUCCESS)
+    assert (r.get("rider:a"), r.get("rider:b")) == (b"1", b"2")
+    assert take_riders() == ()  # consumed by that store
+    r.delete("rider:a", "rider:b")
+    app.backend.store_result(str(uuid.uuid4()), 2, states.SUCCESS)
+    assert r.get("rider:a") is None  # never carried over to the next result
+
+
+def test_a_failing_rider_does_not_lose_the_result(
+    app: Celery, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    ride_with_result(Rider("return redis.call('NOSUCHCOMMAND')", ("rider:x",), ()))
+    task_id = str(uuid.uuid4())
+    with caplog.at_level(logging.ERROR, logger="workers.backend"):
+        app.backend.store_result(task_id, {"ok": True}, states.SUCCESS)
+    assert _stored(redis_server, task_id)["result"] == {"ok": True}
+    assert any("settle write" in rec.getMessage() for rec in caplog.records)
