@@ -94,6 +94,7 @@ def celery_worker(
     broker_url: str,
     concurrency: int = 1,
     tag: str = "",
+    pool: str | None = None,
     **env_extra: str,
 ) -> Iterator[str]:
     from celery import Celery
@@ -104,7 +105,7 @@ def celery_worker(
     from workers.fleet import celery_worker_argv
 
     argv = celery_worker_argv(
-        queue, app=app, name=name, concurrency=concurrency, loglevel="WARNING"
+        queue, app=app, name=name, concurrency=concurrency, loglevel="WARNING", pool=pool
     )
     proc = subprocess.Popen(
         [*argv, "--logfile", str(log)],

@@ -4,14 +4,25 @@ then the resident memory of 8 idle pooled python containers, from each one's cgr
 
     .venv/bin/python benchmarks/code_throughput.py [-n 200] [--concurrency 2]
 
+Per subject it also prints the CPU the whole machine spent per action and how busy its
+CPUs were (``/proc/stat``: on a shared host other users are included), the throughput
+that CPU cost allows on this host's cores, and how many sandbox containers the engine
+created during the timed run by the pool and on the cold path (a live event stream).
+Where the cores are saturated, the ratio is bounded by the ratio of CPU per action, not by
+when the containers are made: see ``engine_capacity.py`` for what a container costs.
+
 Target of the pool (issue #8): >= 3x actions/s; 8 idle warm containers < 150 MB in total.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from _common import ROOT, celery_worker, pct, redis_server  # noqa: F401
@@ -24,8 +35,63 @@ ACTION = {
 }
 
 
-def throughput(url: str, n: int, concurrency: int, pool_size: int) -> tuple[float, list[float]]:
-    """(actions/s over n back-to-back actions, per-action ms) with `concurrency` in flight."""
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Subject:
+    label: str
+    rate: float  # actions/s
+    samples: list[float]  # ms per action
+    cpu_ms: float  # CPU-ms of the whole machine per action (all processes, all CPUs)
+    busy: float  # share of all CPUs busy during the timed run
+    pooled: int  # containers the warm pool created during the timed run
+    cold: int  # containers created on the cold path during the timed run
+
+
+def _machine_busy() -> float:
+    """CPU-seconds all CPUs spent running something since boot (user, nice, system, irq,
+    softirq; not idle, iowait or steal: time the hypervisor gave to other guests)."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(parts[:3]) + parts[5] + parts[6]) / CLK_TCK
+
+
+class CreateCounter:
+    """Counts sandbox containers the engine creates while it runs, pooled vs cold, from a
+    live event stream (the engine keeps only its last 256 events, so asking afterwards
+    misses most of a run)."""
+
+    def __init__(self) -> None:
+        import docker
+
+        self._engine = docker.from_env()
+        self._stream = self._engine.events(
+            filters={"type": "container", "event": "create", "label": "actionfleet.sandbox=1"},
+            decode=True,
+        )
+        self.pooled = self.cold = 0
+        self._thread = threading.Thread(target=self._count, daemon=True)
+        self._thread.start()
+
+    def _count(self) -> None:
+        with contextlib.suppress(Exception):  # the stream ends with an error on close()
+            for event in self._stream:
+                attributes = event.get("Actor", {}).get("Attributes", {})
+                if attributes.get("actionfleet.pool") == "1":
+                    self.pooled += 1
+                else:
+                    self.cold += 1
+
+    def close(self) -> tuple[int, int]:
+        time.sleep(0.5)  # events of the last creates are still on their way
+        self._stream.close()
+        self._thread.join(5)
+        self._engine.close()
+        return self.pooled, self.cold
+
+
+def throughput(url: str, n: int, concurrency: int, pool_size: int, label: str) -> Subject:
+    """n back-to-back actions with `concurrency` in flight: rate, latency, CPU per action."""
     from producer.client import ActionClient
     from producer.config import Settings
 
@@ -47,12 +113,19 @@ def throughput(url: str, n: int, concurrency: int, pool_size: int) -> tuple[floa
         with ThreadPoolExecutor(concurrency) as ex:  # warm-up: executors built, pools primed
             list(ex.map(one, range(concurrency * 3)))
         time.sleep(1.0)
+        counter = CreateCounter()
+        busy = _machine_busy()
         started = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as ex:
             samples = list(ex.map(one, range(n)))
-        rate = n / (time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        busy = _machine_busy() - busy
+        pooled, cold = counter.close()
         client.close()
-    return rate, samples
+    cores = os.cpu_count() or 1
+    return Subject(
+        label, n / seconds, samples, 1000 * busy / n, busy / seconds / cores, pooled, cold
+    )
 
 
 def _cgroup_usage(client: object, container_id: str) -> tuple[int, int]:
@@ -101,19 +174,34 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2, help="worker processes (2)")
     args = parser.parse_args()
 
-    rows = []
+    rows: list[Subject] = []
     with redis_server() as url:
         for label, size in (("cold container per action", 0), ("warm pool (size 4)", 4)):
-            rate, samples = throughput(url, args.n, args.concurrency, size)
-            rows.append((label, rate, samples))
-    base = rows[0][1]
-    print(f"{'subject':<28} {'n':>5} {'actions/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'x base':>7}")
-    for label, rate, samples in rows:
+            rows.append(throughput(url, args.n, args.concurrency, size, label))
+    base = rows[0].rate
+    print(
+        f"{'subject':<28} {'n':>5} {'actions/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'x base':>7}"
+        f" {'CPU-ms/action':>14} {'CPU busy':>9} {'pooled':>7} {'cold':>5}"
+    )
+    for row in rows:
         print(
-            f"{label:<28} {len(samples):>5} {rate:>10.1f} {pct(samples, 0.5):>8.1f} "
-            f"{pct(samples, 0.9):>8.1f} {rate / base:>7.2f}"
+            f"{row.label:<28} {len(row.samples):>5} {row.rate:>10.1f} "
+            f"{pct(row.samples, 0.5):>8.1f} {pct(row.samples, 0.9):>8.1f} "
+            f"{row.rate / base:>7.2f} {row.cpu_ms:>14.0f} {row.busy:>9.0%} "
+            f"{row.pooled:>7} {row.cold:>5}"
         )
-    print(f"(concurrency {args.concurrency}; ratios against: {rows[0][0]})")
+    cores = os.cpu_count() or 1
+    print(
+        f"(concurrency {args.concurrency}; ratios against: {rows[0].label}; CPU-ms/action: "
+        "every CPU of the machine, other users included; pooled/cold: sandbox containers "
+        "the engine created during the timed run, by the pool or on the cold path)"
+    )
+    for row in rows:
+        bound = 1000 * cores / row.cpu_ms
+        print(
+            f"{row.label}: at {row.cpu_ms:.0f} CPU-ms per action, {cores} cores bound it to "
+            f"{bound:.1f} actions/s ({bound / base:.2f}x the cold rate measured here)"
+        )
     usage, working = idle_pool_memory(8)
     print(
         f"8 idle warm containers: cgroup usage {usage / 2**20:.1f} MB in total, "

@@ -6,18 +6,21 @@ before doing anything, so those steps can happen ahead of time: a *warm* contain
 created with stdin open, attached and started, and is waiting. A run takes one, sends it
 the request (the per-run nonce is in the request, so nothing inside could know it in
 advance), half-closes, waits, reads the frame and inspects the state exactly as a cold run
-does; the container is then removed in the background. It is never handed out again,
-whatever happened in it (exit, timeout, OOM, error).
+does; the container is then removed in the background once its runner has exited by
+itself (a kill would cost the engine more). It is never handed out again, whatever
+happened in it (exit, timeout, OOM, error).
 
 Profiles: a warm container is only usable by a run whose limits it was created with. The
 profile is what is fixed at create time: runtime, image, memory, CPUs, pids, tmpfs size.
 Timeout and output caps travel in the request. Runs with a workspace mount (a per-tenant
 bind mount) or a profile with no warm container take the cold path (``DockerSandbox.run``).
 
-Sizing: per profile, the pool keeps ``peak concurrent runs in the last demand window + 1``
-warm containers, capped by ``max_per_profile``; a profile with no demand in the window is
-drained (prewarmed profiles keep one). All warm containers together are capped by
-``max_memory_mb`` (counted at their memory limit, an upper bound of what they can use).
+Sizing: per profile, the pool keeps ``peak concurrent runs in the last demand window +
+max(1, runs/s over the last 5 s x seconds to get a warm container ready)`` warm (or
+being-made) containers, capped by ``max_per_profile``; a profile with no demand in the
+window is drained (prewarmed profiles keep one); surplus is retired only then. All warm
+containers together are capped by ``max_memory_mb`` (counted at their memory limit, an
+upper bound of what they can use).
 
 Leftovers: pooled containers carry the sandbox labels (``actionfleet.sandbox=1``, owner
 ``<host>:<pid>``, expiry) plus ``actionfleet.pool=1``, so ``reap_containers`` removes them
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import secrets
 import select
 import socket
@@ -71,11 +75,16 @@ DEFAULT_TTL_S = 600.0
 DEFAULT_DEMAND_WINDOW_S = 60.0
 # How often the refill loop looks at the pool when nothing wakes it (retirement, draining).
 TICK_S = 1.0
-# Concurrent Docker calls of the pool (creates and removes): refill must keep up with a
-# sustained stream of runs, each of which consumes one container.
-DEFAULT_WORKERS = 4
+# Concurrent Docker calls of the pool (creates, and removals that first wait for the
+# container's own exit): refill must keep up with a sustained stream of runs, each of
+# which consumes one container, while used ones are waited for.
+DEFAULT_WORKERS = 6
 # A start that fails keeps failing (image gone, runtime broken): back off before retrying.
 FAILURE_BACKOFF_S = 5.0
+# Sizing under sustained demand: runs per second are counted over this window, and the time
+# from asking for a warm container to having it is smoothed with this weight per sample.
+RATE_WINDOW_S = 5.0
+READY_EWMA_WEIGHT = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +136,17 @@ class _Demand:
         while self.peaks and self.peaks[0][0] < now - window_s:
             self.peaks.popleft()
         return max((n for _, n in self.peaks), default=0)
+
+    def rate(self, now: float, window_s: float) -> float:
+        """Runs started per second over the last ``window_s`` (within the demand window)."""
+        if not self.peaks:
+            return 0.0
+        recent = 0
+        for started, _ in reversed(self.peaks):
+            if started < now - window_s:
+                break
+            recent += 1
+        return recent / window_s
 
 
 def _socket_closed(sock: socket.socket) -> bool:
@@ -226,6 +246,8 @@ class PooledDockerSandbox:
         self._pending: set[Future[Any]] = set()
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="sandbox-pool")
         self.stats = {"warm_runs": 0, "cold_runs": 0, "created": 0, "discarded": 0}
+        # Seconds from asking for a warm container to having it (smoothed); 0 = not measured.
+        self.ready_s = 0.0
         self._thread = threading.Thread(target=self._refill_loop, name="sandbox-pool", daemon=True)
         self._thread.start()
 
@@ -337,17 +359,27 @@ class PooledDockerSandbox:
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise SandboxError(f"sandbox run failed (warm container {cid[:12]}): {exc}") from exc
         finally:
-            # Used once, whatever happened: removed off the caller's critical path.
-            self._submit(sandbox._remove, cid)
+            # Used once, whatever happened: removed off the caller's critical path, after the
+            # runner's own exit (it exits right after its frame) rather than killed.
+            self._submit(sandbox._retire, cid)
 
     # ------------------------------------------------------------------ refilling
 
+    def _idle(self, profile: Profile, now: float) -> bool:
+        demand = self._demand.get(profile)
+        return demand is None or now - demand.last_used > self.demand_window_s
+
     def _target(self, profile: Profile, now: float) -> int:
+        """Warm containers to keep: the peak of concurrent runs, plus what the runs started
+        while a replacement is being made will take (Little's law: rate x time to ready;
+        at least 1), so a sustained stream does not drain the pool onto the cold path."""
         demand = self._demand.get(profile)
         floor = 1 if profile in self._prewarm else 0
-        if demand is None or now - demand.last_used > self.demand_window_s:
+        if demand is None or self._idle(profile, now):
             return floor
-        return min(self.max_per_profile, max(floor, demand.peak(now, self.demand_window_s) + 1))
+        ahead = max(1, math.ceil(demand.rate(now, RATE_WINDOW_S) * self.ready_s))
+        peak = demand.peak(now, self.demand_window_s)
+        return min(self.max_per_profile, max(floor, peak + ahead))
 
     def _refill_loop(self) -> None:
         while True:
@@ -358,7 +390,7 @@ class PooledDockerSandbox:
             for entry in to_retire:
                 self._discard(entry)
             for profile in to_create:
-                self._submit(self._create_warm, profile)
+                self._submit(self._create_warm, profile, time.monotonic())
             with self._lock:
                 if self._closed:
                     return
@@ -369,11 +401,14 @@ class PooledDockerSandbox:
         now, wall = time.monotonic(), time.time()
         to_retire: list[_Warm] = []
         for profile, entries in self._warm.items():
-            target = self._target(profile, now)
+            # Surplus is retired only once the profile's demand is gone (drained): while
+            # runs keep coming, a container made for a rate that has since dipped is still
+            # used soon, and retiring it would waste a whole container lifecycle.
+            keep = self._target(profile, now) if self._idle(profile, now) else len(entries)
             kept: deque[_Warm] = deque()
             for entry in entries:
                 too_old = wall - entry.created > self.ttl_s / 2
-                if too_old or len(kept) >= target or _socket_closed(entry.sock):
+                if too_old or len(kept) >= keep or _socket_closed(entry.sock):
                     to_retire.append(entry)
                 else:
                     kept.append(entry)
@@ -404,7 +439,10 @@ class PooledDockerSandbox:
             LABEL_RUNTIME: self.runtime,
         }
 
-    def _create_warm(self, profile: Profile) -> None:
+    def _create_warm(self, profile: Profile, asked: float) -> None:
+        """Create, attach and start one warm container (``asked``: when the refill loop
+        asked for it, monotonic; the wait in the executor's queue counts towards
+        ``ready_s``)."""
         sandbox, cid, started_ok = self.cold, "", False
         try:
             labels = self._labels()
@@ -423,6 +461,9 @@ class PooledDockerSandbox:
                 if not self._closed:
                     self._warm.setdefault(profile, deque()).append(entry)
                     self.stats["created"] += 1
+                    took = time.monotonic() - asked
+                    w = READY_EWMA_WEIGHT if self.ready_s else 1.0
+                    self.ready_s = (1 - w) * self.ready_s + w * took
                     cid = ""  # handed to the pool
                 else:
                     close_stdin(wrapper, sock)
@@ -443,17 +484,19 @@ class PooledDockerSandbox:
                     end_orphaned_runtime_processes(cid)
 
     def _discard(self, entry: _Warm) -> None:
+        # Closing stdin is EOF for the waiting runner: it refuses the empty request and
+        # exits by itself, so retiring it needs no kill.
         close_stdin(entry.wrapper, entry.sock)
         with self._lock:
             self.stats["discarded"] += 1
-        self._submit(self.cold._remove, entry.container_id)
+        self._submit(self.cold._retire, entry.container_id)
 
-    def _submit(self, fn: Any, arg: Any) -> None:
+    def _submit(self, fn: Any, *args: Any) -> None:
         try:
-            future = self._executor.submit(fn, arg)
+            future = self._executor.submit(fn, *args)
         except RuntimeError:  # executor shut down (close() raced us): do it inline
             with contextlib.suppress(Exception):
-                fn(arg)
+                fn(*args)
             return
         with self._lock:
             self._pending.add(future)

@@ -6,22 +6,26 @@ when that container was created. Needs the plugin ``tests.fixtures_docker``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
 
 from sandboxes.base import Limits, RunOutcome, RunSpec
 from sandboxes.docker import LABEL_EXPIRES, LABEL_OWNER, DockerSandbox, reap_containers
-from sandboxes.pool import LABEL_POOL, PooledDockerSandbox
+from sandboxes.pool import LABEL_POOL, PooledDockerSandbox, Profile, _Demand
+from sandboxes.reaper import owner_label
 from tests.fixtures_docker import SandboxFactory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +80,39 @@ def pool_containers(client: docker.DockerClient) -> dict[str, dict[str, str]]:
 
 def exists(client: docker.DockerClient, container_id: str) -> bool:
     return bool(client.api.containers(all=True, filters={"id": container_id}))
+
+
+class EngineEvents:
+    """The engine's container events (kill, die, ...) of this process's pooled containers,
+    recorded live from a stream opened before the code under test runs."""
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self._stream = client.events(
+            filters={"type": "container", "label": f"{LABEL_OWNER}={owner_label()}"},
+            decode=True,
+        )
+        self.events: list[dict[str, Any]] = []
+        self._thread = threading.Thread(target=self._record, daemon=True)
+        self._thread.start()
+
+    def _record(self) -> None:
+        with contextlib.suppress(Exception):  # the stream ends with an error on close()
+            for event in self._stream:
+                self.events.append(event)
+
+    def of(self, container_id: str, until: str = "destroy") -> list[tuple[str, str | None]]:
+        """(action, exitCode) of one container's events, once ``until`` arrived (bounded)."""
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            mine = [e for e in list(self.events) if e.get("id") == container_id]
+            if any(e.get("Action") == until for e in mine):
+                break
+            time.sleep(0.05)
+        return [(e["Action"], e["Actor"]["Attributes"].get("exitCode")) for e in mine]
+
+    def close(self) -> None:
+        self._stream.close()
+        self._thread.join(5)
 
 
 # --------------------------------------------------------------------------- basics
@@ -162,6 +199,37 @@ def test_workspace_runs_and_unknown_profiles_take_the_cold_path(
     assert pool.stats["warm_runs"] == 1
 
 
+def test_used_and_discarded_containers_exit_by_themselves_before_removal(
+    make_pool: Callable[..., PooledDockerSandbox], docker_client: docker.DockerClient
+) -> None:
+    # Force-removing a running container makes the engine kill it (one more runc call and
+    # a killed teardown, see benchmarks/engine_capacity.py): the pool lets the runner exit.
+    events = EngineEvents(docker_client)
+    try:
+        pool = make_pool(max_per_profile=2, prewarm=(LIMITS,))
+        wait_warm(pool, LIMITS)
+        warm = set(pool.warm_ids())
+        outcome = run(pool, "print(8)")
+        assert outcome.stdout == b"8\n"
+        (used,) = [cid for cid in warm if cid.startswith(outcome.sandbox_id)]
+        assert pool.settle()  # the used one is gone, its replacements are waiting
+        waiting = pool.warm_ids()
+        assert waiting
+        pool.close()  # closes the stdin of the waiting ones: their runners refuse and exit
+
+        used_events = events.of(used)
+        assert ("die", "0") in used_events, used_events  # the runner's own exit after a frame
+        assert not [a for a, _ in used_events if a == "kill"], used_events
+        assert used_events[-1][0] == "destroy"
+        for cid in waiting:
+            got = events.of(cid)
+            assert ("die", "2") in got, got  # an empty request is refused with exit 2
+            assert not [a for a, _ in got if a == "kill"], got
+            assert got[-1][0] == "destroy"
+    finally:
+        events.close()
+
+
 # --------------------------------------------------------------------------- bad runs
 
 
@@ -225,6 +293,37 @@ def test_memory_cap_bounds_the_warm_containers(
         assert all(o.exit_code == 0 for o in ex.map(lambda _: run(pool, "", SMALL), range(4)))
     assert pool.settle()
     assert pool.warm_count(SMALL) == 2
+
+
+def test_sustained_rate_sizes_the_pool_ahead_of_demand(
+    make_pool: Callable[..., PooledDockerSandbox],
+) -> None:
+    # One run at a time (peak 1), but 4 runs/s while a warm container takes 0.4 s to make:
+    # 1.6 runs arrive while one replacement is made, so 2 must be on the way, not 1.
+    # No memory budget: nothing is created, only the target is looked at.
+    pool = make_pool(max_per_profile=6, max_memory_mb=0)
+    profile = Profile.of(pool.runtime, pool.cold.image, LIMITS)
+    now = time.monotonic()
+    with pool._lock:
+        demand = pool._demand.setdefault(profile, _Demand())
+        for i in range(20):  # over the last 5 s, sequential
+            demand.note_start(now - 5 + i * 0.25)
+            demand.in_flight -= 1
+        targets = {}
+        for ready_s in (0.0, 0.1, 0.4, 1.0, 10.0):
+            pool.ready_s = ready_s
+            targets[ready_s] = pool._target(profile, now)
+    assert targets == {0.0: 2, 0.1: 2, 0.4: 3, 1.0: 5, 10.0: 6}  # peak 1 + ahead, capped
+
+
+def test_ready_time_is_measured_from_real_creates(
+    make_pool: Callable[..., PooledDockerSandbox],
+) -> None:
+    pool = make_pool(max_per_profile=1, prewarm=(LIMITS,))
+    assert pool.ready_s == 0.0
+    wait_warm(pool, LIMITS)
+    assert pool.ready_s > 0.0  # the first create set it
+    assert pool.stats["created"] == 1
 
 
 def test_unused_profile_is_drained(make_pool: Callable[..., PooledDockerSandbox]) -> None:

@@ -66,6 +66,7 @@ def celery_worker_argv(
     concurrency: int | None = None,
     loglevel: str = "INFO",
     quiet: bool = True,
+    pool: str | None = None,
 ) -> list[str]:
     """``python -m celery -A app worker``; ``quiet`` skips mingle/gossip, which a fleet of
     single-queue workers does not use and which slows start-up."""
@@ -74,6 +75,8 @@ def celery_worker_argv(
         argv += ["-n", name]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
+    if pool:
+        argv += ["--pool", pool]
     argv += ["--loglevel", loglevel]
     if quiet:
         argv += ["--without-mingle", "--without-gossip"]
