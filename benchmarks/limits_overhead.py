@@ -2,15 +2,22 @@
 
 Measured in one run, against a real redis-server:
 
-1. Overhead per action: ``Pipeline.run`` of a no-op action (the TEST-ONLY probe executor)
-   without the reliability guard (baseline) and with it (idempotency claim + complete,
-   rate limit, concurrency lease, quota count: 5 Redis round trips). Target: < 1 ms p50.
-2. Limit accuracy in-process: threads in several processes hammer one bucket configured
-   at ``--rate``/s for ``--seconds``; observed granted rate / configured.
+1. Cost per action of the reliability guard (``Reliability.admit`` + ``settle``):
+   ``Pipeline.run`` of a no-op action (the TEST-ONLY probe executor) without the guard
+   (baseline), with the guard and no limits configured (idempotency only), and with a
+   rate limit (tenant x primitive and agent buckets), a concurrency limit and a monthly
+   quota configured. For each: wall time per action (p50, mean), client CPU per action
+   (``time.process_time``: this process, i.e. pipeline + redis-py, not redis-server), and
+   Redis round trips per action counted from redis-server's ``INFO commandstats`` (a
+   script call counts once; the commands it runs inside Redis are not round trips) and
+   cross-checked against the requests the client sent. ``--rounds`` interleaved rounds
+   give the spread. Target: < 1 ms p50 added; one round trip in admit, one in settle.
+2. Limit accuracy in-process: several processes hammer one bucket configured at
+   ``--rate``/s for ``--seconds``; observed granted rate / configured.
 3. Limit accuracy through the fleet: two probe worker processes, 20 actions/s configured;
    observed execution rate / configured.
 
-    .venv/bin/python benchmarks/limits_overhead.py [-n 2000] [--rate 200] [--seconds 5]
+    .venv/bin/python benchmarks/limits_overhead.py [-n 2000] [--rounds 3] [--no-fleet]
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import re
 import statistics
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, pct, redis_server, table, timed  # noqa: F401
+import redis
+from _common import ROOT, pct
 
 POLICY = """
 version: 1
@@ -35,11 +45,41 @@ tenants:
       rate: {code: {per_second: 100000, burst: 100000}}
       agent_rate: {per_second: 100000, burst: 100000}
       concurrency: {code: 1000}
-      quota: {monthly: 1000000000}
+      quota: {monthly: 1000000000, primitives: {code: 1000000000}}
+  benchfree: {}
   bench20:
     limits:
       rate: {code: {per_second: 20, burst: 1}}
 """
+
+# The modules whose Lua scripts the guard runs: the commands those scripts call inside
+# Redis show up in commandstats too, but they are not round trips.
+_SCRIPT_MODULES = ("limits.py", "idempotency.py", "admission.py")
+_NOT_OURS = {"info", "config|resetstat"}
+
+
+def _script_commands() -> set[str]:
+    names: set[str] = set()
+    for module in _SCRIPT_MODULES:
+        path = ROOT / "workers" / module
+        if path.exists():
+            names |= {m.lower() for m in re.findall(r"redis\.call\('(\w+)'", path.read_text())}
+    return names
+
+
+def _commandstats(client: redis.Redis) -> dict[str, int]:
+    raw = client.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in raw.items()}
+
+
+class CountingRedis(redis.Redis):
+    """Counts the requests this client sends (one per ``execute_command``)."""
+
+    sent = 0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent += 1
+        return super().execute_command(*args, **options)
 
 
 def _action(tenant: str = "bench") -> dict[str, Any]:
@@ -68,57 +108,109 @@ class _ProbeRegistry:
         pass
 
 
-def overhead(url: str, policy: Path, n: int) -> list[tuple[str, list[float]]]:
-    import redis
+@dataclass
+class Subject:
+    name: str
+    tenant: str
+    pipeline: Any
+    client: CountingRedis | None
+    wall_ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)  # per round: CPU ms per action
+    trips: list[float] = field(default_factory=list)  # per round: server-counted
+    sent: list[float] = field(default_factory=list)  # per round: client-counted
+    by_command: dict[str, float] = field(default_factory=dict)
 
+
+def _round(subject: Subject, n: int, stats: redis.Redis, inner: set[str]) -> None:
     from workers.middleware import ActionContext
+
+    def run() -> None:
+        ctx = ActionContext("code", "actions.code", "bench", 1, _action(subject.tenant))
+        result = subject.pipeline.run(ctx)
+        assert result["status"] == "succeeded" and ctx.reschedule is None, result
+
+    for _ in range(20):  # warm-up: scripts loaded, connections open
+        run()
+    before = _commandstats(stats)
+    sent_before = subject.client.sent if subject.client else 0
+    cpu = time.process_time()
+    for _ in range(n):
+        t = time.perf_counter()
+        run()
+        subject.wall_ms.append((time.perf_counter() - t) * 1000)
+    subject.cpu_ms.append((time.process_time() - cpu) * 1000 / n)
+    after = _commandstats(stats)
+    delta = {k: v - before.get(k, 0) for k, v in after.items() if k not in _NOT_OURS}
+    delta = {k: v for k, v in delta.items() if v}
+    trips = sum(v for k, v in delta.items() if k not in inner)
+    subject.trips.append(trips / n)
+    subject.sent.append(((subject.client.sent if subject.client else 0) - sent_before) / n)
+    subject.by_command = {k: round(v / n, 2) for k, v in sorted(delta.items())}
+
+
+def overhead(url: str, policy: Path, n: int, rounds: int) -> list[Subject]:
     from workers.pipeline import Pipeline
     from workers.policy import PolicyEngine
     from workers.reliability import Reliability
 
     tmp = Path(tempfile.mkdtemp())
     engine = PolicyEngine(policy)
-    client = redis.Redis.from_url(url)
-    plain = Pipeline(engine, _ProbeRegistry(tmp / "a"))  # type: ignore[arg-type]
-    guarded = Pipeline(engine, _ProbeRegistry(tmp / "b"), (), Reliability(client))  # type: ignore[arg-type]
+    stats = redis.Redis.from_url(url)
 
-    def run(pipeline: Pipeline) -> None:
-        ctx = ActionContext("code", "actions.code", "bench", 1, _action())
-        result = pipeline.run(ctx)
-        assert result["status"] == "succeeded" and ctx.reschedule is None, result
+    def guarded(name: str, tenant: str) -> Subject:
+        client = CountingRedis.from_url(url)
+        registry = _ProbeRegistry(tmp / tenant)
+        pipeline = Pipeline(engine, registry, (), Reliability(client))  # type: ignore[arg-type]
+        return Subject(name, tenant, pipeline, client)
 
-    rows = [
-        ("pipeline, no limits (baseline)", timed(lambda: run(plain), n, warmup=50)),
-        ("pipeline + limits + idempotency", timed(lambda: run(guarded), n, warmup=50)),
+    subjects = [
+        Subject(
+            "pipeline, no guard (baseline)",
+            "bench",
+            Pipeline(engine, _ProbeRegistry(tmp / "plain")),  # type: ignore[arg-type]
+            None,
+        ),
+        guarded("+ guard, no limits", "benchfree"),
+        guarded("+ guard, rate+concurrency+quota", "bench"),
     ]
-    rel = Reliability(client)
-    rows.append(
-        (
-            "  idempotency claim+complete",
-            timed(lambda: _idem(rel), n, warmup=50),
-        )
+    inner = _script_commands()
+    for _ in range(rounds):  # interleaved, so machine noise hits every subject alike
+        for subject in subjects:
+            _round(subject, n // rounds, stats, inner)
+    return subjects
+
+
+def report(subjects: list[Subject]) -> dict[str, Any]:
+    base = subjects[0]
+    b50, bcpu = pct(base.wall_ms, 0.5), statistics.fmean(base.cpu_ms)
+    print(
+        f"{'subject':<34} {'p50 ms':>7} {'mean ms':>8} {'+p50 ms':>8} {'CPU ms':>7} "
+        f"{'+CPU ms':>8} {'round trips':>12} {'(client)':>9}"
     )
-    from workers.limits import Rate
-
-    bucket = [("af:rate:bench:solo", Rate(per_second=1e5, burst=100_000))]
-    rows.append(
-        (
-            "  rate limit check (1 bucket)",
-            timed(lambda: rel.rate.acquire(bucket, reserve=True), n, 50),
+    summary: dict[str, Any] = {}
+    for s in subjects:
+        p50 = pct(s.wall_ms, 0.5)
+        cpu = statistics.fmean(s.cpu_ms)
+        spread = f"{min(s.cpu_ms):.3f}-{max(s.cpu_ms):.3f}"
+        print(
+            f"{s.name:<34} {p50:>7.3f} {statistics.fmean(s.wall_ms):>8.3f} {p50 - b50:>8.3f} "
+            f"{cpu:>7.3f} {cpu - bcpu:>8.3f} {statistics.fmean(s.trips):>12.2f} "
+            f"{statistics.fmean(s.sent):>9.2f}   CPU/round {spread}"
         )
-    )
-    return rows
-
-
-def _idem(rel: Any) -> None:
-    key = rel.idempotency.key("bench", str(uuid.uuid4()))
-    rel.idempotency.claim(key, "me")
-    rel.idempotency.complete(key, "me", {"status": "succeeded"})
+        summary[s.name] = {
+            "added_p50_ms": round(p50 - b50, 3),
+            "added_cpu_ms": round(cpu - bcpu, 3),
+            "added_cpu_ms_rounds": [
+                round(c - b, 3) for c, b in zip(s.cpu_ms, base.cpu_ms, strict=True)
+            ],
+            "round_trips": round(statistics.fmean(s.trips), 2),
+        }
+    for s in subjects[1:]:
+        print(f"  {s.name}: commands per action (incl. inside scripts) {s.by_command}")
+    return summary
 
 
 def _hammer(url: str, rate: float, seconds: float, out: Any) -> None:
-    import redis
-
     from workers.limits import Rate, RateLimiter
 
     limiter = RateLimiter(redis.Redis.from_url(url))
@@ -167,32 +259,33 @@ def accuracy_fleet(url: str, policy: Path, actions: int = 100) -> float:
 
 
 def main() -> None:
+    from _common import redis_server
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-n", type=int, default=2000, help="timed actions per subject")
+    parser.add_argument("-n", type=int, default=3000, help="timed actions per subject")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (spread)")
     parser.add_argument("--rate", type=float, default=200.0, help="in-process bucket rate/s")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--no-fleet", action="store_true", help="skip the worker accuracy run")
+    parser.add_argument("--no-accuracy", action="store_true", help="overhead only")
     args = parser.parse_args()
     policy = Path(tempfile.mkdtemp()) / "policy.yaml"
     policy.write_text(POLICY)
+    out: dict[str, Any] = {}
     with redis_server() as url:
-        rows = overhead(url, policy, args.n)
-        print(table(rows, baseline="pipeline, no limits (baseline)"))
-        base, guarded = rows[0][1], rows[1][1]
-        extra = pct(guarded, 0.5) - pct(base, 0.5)
-        print(
-            f"overhead per action: p50 {extra:.3f} ms (target < 1 ms), "
-            f"mean {statistics.fmean(guarded) - statistics.fmean(base):.3f} ms"
-        )
-        ratio = accuracy_in_process(url, args.rate, args.seconds)
-        print(
-            f"rate accuracy, 4 processes on one {args.rate:g}/s bucket: observed/configured "
-            f"{ratio:.3f}"
-        )
-        if not args.no_fleet:
-            fleet = accuracy_fleet(url, policy)
-            print(f"rate accuracy, 2 probe workers at 20/s: observed/configured {fleet:.3f}")
-    print(json.dumps({"overhead_p50_ms": round(extra, 3), "accuracy_in_process": round(ratio, 3)}))
+        out["overhead"] = report(overhead(url, policy, args.n, args.rounds))
+        if not args.no_accuracy:
+            ratio = accuracy_in_process(url, args.rate, args.seconds)
+            print(
+                f"rate accuracy, 4 processes on one {args.rate:g}/s bucket: "
+                f"observed/configured {ratio:.3f}"
+            )
+            out["accuracy_in_process"] = round(ratio, 3)
+            if not args.no_fleet:
+                fleet = accuracy_fleet(url, policy)
+                print(f"rate accuracy, 2 probe workers at 20/s: observed/configured {fleet:.3f}")
+                out["accuracy_fleet"] = round(fleet, 3)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

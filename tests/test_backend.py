@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import redis
 from celery import Celery, states
 
-from tests.conftest import RedisServer
+from producer.client import ActionClient
+from tests.conftest import RedisServer, start_worker
 from workers.backend import FleetRedisBackend, Rider, ride_with_result, take_riders
+from workers.idempotency import IdempotencyStore
 
 DB = 11
 SET_ARG = "redis.call('SET', KEYS[1], ARGV[1]) return 1"
@@ -93,3 +98,43 @@ def test_a_failing_rider_does_not_lose_the_result(
         app.backend.store_result(task_id, {"ok": True}, states.SUCCESS)
     assert _stored(redis_server, task_id)["result"] == {"ok": True}
     assert any("settle write" in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_worker_settles_in_the_results_transaction(
+    redis_server: RedisServer,
+    make_client: Callable[[str], ActionClient],
+    tmp_path: Path,
+) -> None:
+    # Through a real worker: the idempotency record is completed, and the action cost one
+    # script call before the executor (admit) and one transaction after it (the result
+    # with its settle rider) -- no separate settle round trip.
+    db = 12
+    r = redis_server.client(db)
+    r.flushdb()
+    url = redis_server.url(db)
+    worker = start_worker(url, tmp_path / "home", queues="actions.files", concurrency=1)
+    try:
+        client = make_client(url)
+        write = {
+            "primitive": "files",
+            "tenant_id": "ride",
+            "agent_id": "a",
+            "payload": {"op": "write", "path": "x.txt", "content": "hi"},
+        }
+        assert client.run(write, timeout=60).status == "succeeded"
+        before = _calls(r)
+        action = client.validate(write | {"payload": {"op": "stat", "path": "x.txt"}})
+        result = client.run(action.model_dump(mode="json"), timeout=60)
+        assert result.status == "succeeded"
+        time.sleep(0.2)  # the worker acknowledges after the result is stored
+        spent = {k: v - before.get(k, 0) for k, v in _calls(r).items() if v != before.get(k, 0)}
+        assert spent.get("evalsha", 0) == 1, spent  # admit
+        assert spent.get("eval", 0) == 2, spent  # store + settle, one MULTI/EXEC
+        record = json.loads(r.get(IdempotencyStore.key("ride", action.idempotency_key or "")))
+        assert record["s"] == "c" and json.loads(record["r"])["status"] == "succeeded"
+    finally:
+        worker.stop()
+
+
+def _calls(r: redis.Redis) -> dict[str, int]:
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in r.info("commandstats").items()}

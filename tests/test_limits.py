@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,7 +24,7 @@ from tests.reliability_fixtures import (
     runs,
     wait_for,
 )
-from workers.limits import ConcurrencyLimiter, month_reset, quota_key
+from workers.limits import ConcurrencyLimiter, Lease, month_reset, quota_key
 
 
 def test_rate_limit_holds_across_two_workers_and_spares_other_tenants(
@@ -240,3 +241,46 @@ def test_buckets_per_destination_host_and_burst(redis_own: RedisServer) -> None:
     # Booking takes the next slots in order, one interval apart.
     booked = [limiter.acquire(bucket, reserve=True) for _ in range(2)]
     assert 0.9 < booked[0] <= 1.0 and 1.9 < booked[1] <= 2.0, booked
+
+
+def test_single_purpose_limiters_run_their_section_of_the_admit_script(
+    redis_own: RedisServer,
+) -> None:
+    """The ops/metrics/test entry points share the guard's one script (one section each)."""
+    import pytest
+    from pydantic import ValidationError
+
+    from producer.validation import parse_action
+    from workers.limits import LimitsPolicy, QuotaCounter, QuotaPolicy
+
+    r = redis_own.client(8)
+    r.flushdb()
+    leases = ConcurrencyLimiter(r, lease_s=5)
+    key = ConcurrencyLimiter.key("t", "code")
+    assert [leases.acquire(key, holder, 2) for holder in ("a", "b")] == [0.0, 0.0]
+    assert 4.0 < leases.acquire(key, "c", 2) <= 5.0  # full: until the first lease expires
+    assert leases.acquire(key, "a", 2) == 0.0  # a holder re-acquires its own slot
+    assert sorted(leases.holders(key)) == ["a", "b"]
+    before = r.zscore(key, "b")
+    time.sleep(0.02)
+    assert leases.renew(Lease(key, "b")) and r.zscore(key, "b") > before
+    leases.release(Lease(key, "b"))
+    assert leases.holders(key) == ["a"]
+    assert not leases.renew(Lease(key, "b"))  # a released lease is not brought back
+    assert leases.holders(key) == ["a"]
+
+    action = parse_action(probe_action("q"))
+    quota = QuotaPolicy(monthly=2, primitives={"code": 5})
+    now = datetime.now(UTC)
+    counter = QuotaCounter(r)
+    verdicts = [counter.count(action, quota, now) for _ in range(3)]
+    assert [v.ok for v in verdicts] == [True, True, False]
+    assert (verdicts[2].scope, verdicts[2].limit, verdicts[2].used) == ("all", 2, 2)
+    assert verdicts[2].resets_at == month_reset(now)
+    assert int(r.get(quota_key("q", None, now)) or 0) == 2  # the refused one did not count
+    assert int(r.get(quota_key("q", "code", now)) or 0) == 2
+    assert counter.count(action, QuotaPolicy(), now).ok  # no quota: nothing to count
+
+    # A concurrency limit of 0 would defer forever: the policy refuses it up front.
+    with pytest.raises(ValidationError):
+        LimitsPolicy.model_validate({"concurrency": {"code": 0}})

@@ -113,13 +113,18 @@ def get_pipeline() -> Pipeline:
                 sensitive_fields=a.sensitive_fields,
                 preview_bytes=a.preview_bytes,
             )
+            from workers.backend import FleetRedisBackend
+
             policy = PolicyEngine(settings.policy)
             broker = settings.resolved_broker_url() or DEFAULT_BROKER
+            reliability = Reliability.from_settings(settings, broker)
+            # Settle writes ride with the stored result when both live on one Redis.
+            reliability.defer_settle = (
+                isinstance(app.backend, FleetRedisBackend)
+                and (settings.limits_redis_url or broker) == app.conf.result_backend
+            )
             _pipeline = Pipeline(
-                policy,
-                ExecutorRegistry(settings),
-                [LogMiddleware(), audit],
-                Reliability.from_settings(settings, broker),
+                policy, ExecutorRegistry(settings), [LogMiddleware(), audit], reliability
             )
         return _pipeline
 

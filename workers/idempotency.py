@@ -26,47 +26,13 @@ from typing import Any, Literal
 
 import redis
 
+from workers.admission import Scripts, Verdict
 from workers.limits import PREFIX
 
-__all__ = ["Claim", "IdempotencyStore"]
+__all__ = ["Claim", "IdempotencyStore", "claim_of"]
 
-# KEYS[1]: record. ARGV: owner, lease_ms. Returns {state, payload}.
-_CLAIM = """
-local v = redis.call('GET', KEYS[1])
-if not v then
-  redis.call('SET', KEYS[1], cjson.encode({s = 'p', o = ARGV[1]}), 'PX', ARGV[2])
-  return {'claimed', ''}
-end
-local r = cjson.decode(v)
-if r.s == 'c' then return {'completed', r.r} end
-if r.o == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {'claimed', ''}
-end
-return {'busy', tostring(redis.call('PTTL', KEYS[1]))}
-"""
-
-# Record the result only while we still hold the lease (or nobody does): if our lease
-# expired and another delivery took over, that delivery's result is the one to keep.
-_COMPLETE = """
-local v = redis.call('GET', KEYS[1])
-if v then
-  local r = cjson.decode(v)
-  if r.s == 'c' or r.o ~= ARGV[1] then return 0 end
-end
-redis.call('SET', KEYS[1], cjson.encode({s = 'c', o = ARGV[1], r = ARGV[2]}), 'EX', ARGV[3])
-return 1
-"""
-
-_OWNED = """
-local v = redis.call('GET', KEYS[1])
-if not v then return 0 end
-local r = cjson.decode(v)
-if r.s ~= 'p' or r.o ~= ARGV[1] then return 0 end
-if ARGV[2] == 'release' then redis.call('DEL', KEYS[1]) else
-  redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 1
-"""
+# The record is JSON: {"s": "p" (in progress) | "c" (completed), "o": owner, "r": result
+# JSON (completed only)}. The scripts that read and write it are in workers.admission.
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,36 +43,44 @@ class Claim:
 
 
 class IdempotencyStore:
+    """The record on its own (the pipeline's guard claims and settles it together with the
+    limits, in one round trip each: ``workers.reliability``)."""
+
     def __init__(self, client: redis.Redis, *, lease_s: float, retention_s: int) -> None:
         self.client = client
         self.lease_ms = max(1, int(lease_s * 1000))
         self.retention_s = retention_s
-        self._claim = client.register_script(_CLAIM)
-        self._complete = client.register_script(_COMPLETE)
-        self._owned = client.register_script(_OWNED)
+        self._scripts = Scripts(client)
 
     @staticmethod
     def key(tenant: str, idempotency_key: str) -> str:
         return f"{PREFIX}:idem:{tenant}:{idempotency_key}"
 
     def claim(self, key: str, owner: str) -> Claim:
-        state, payload = self._claim(keys=[key], args=[owner, self.lease_ms])
-        state = state.decode() if isinstance(state, bytes) else state
-        if state == "completed":
-            return Claim("completed", result=json.loads(payload))
-        if state == "busy":
-            return Claim("busy", wait_s=max(0.001, int(payload) / 1000))
-        return Claim("claimed")
+        return claim_of(self._scripts.admit(claim=(key, owner, self.lease_ms)))
 
     def complete(self, key: str, owner: str, result: dict[str, Any]) -> bool:
-        return bool(self._complete(keys=[key], args=[owner, json.dumps(result), self.retention_s]))
+        """Store ``result`` -- only while ``owner`` holds the claim, or nobody does: if its
+        lease lapsed and another delivery took over, that one's result is kept."""
+        payload = json.dumps(result)
+        return self._scripts.settle(claim=("c", key, owner, payload, self.retention_s))[0]
 
     def renew(self, key: str, owner: str) -> bool:
-        return bool(self._owned(keys=[key], args=[owner, self.lease_ms]))
+        return self._scripts.settle(claim=("n", key, owner, self.lease_ms, 0))[0]
 
     def release(self, key: str, owner: str) -> bool:
-        return bool(self._owned(keys=[key], args=[owner, "release"]))
+        return self._scripts.settle(claim=("r", key, owner, "", 0))[0]
 
     def forget(self, key: str) -> None:
         """Drop the record whatever its state (dead-letter replay runs the action again)."""
         self.client.delete(key)
+
+
+def claim_of(verdict: Verdict) -> Claim:
+    """The idempotency part of an ADMIT verdict (``ok``, or a refusal by a later section,
+    means the claim itself was free)."""
+    if verdict.outcome == "done":
+        return Claim("completed", result=json.loads(verdict.result))
+    if verdict.outcome == "busy":
+        return Claim("busy", wait_s=max(0.001, verdict.value / 1000))
+    return Claim("claimed")

@@ -3,7 +3,8 @@
 A lease (idempotency claim, concurrency slot) must outlive its action however long the
 action runs, yet expire soon after its worker dies. So leases are short (``lease_s``)
 and renewed every ``lease_s / 3`` while the action runs; a SIGKILLed worker renews
-nothing and its leases lapse within ``lease_s``.
+nothing and its leases lapse within ``lease_s``. The guard holds one renewal per running
+action, which renews its claim and its lease together (``Reliability._renew``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Celery's own ``rate_limit`` is per worker instance (ten workers, ten times the limit) and
 parks rate-limited tasks in the worker's prefetch buffer. These limits live in Redis and
-every check is one atomic Lua script, so they hold across any number of workers.
+are checked in one atomic Lua script (``workers.admission.ADMIT``, one round trip for an
+action's idempotency claim, rate buckets, concurrency lease and quota together), so they
+hold across any number of workers. The classes here run one section of it each.
 
 - Rate: GCRA (generic cell rate algorithm), one key per bucket holding its theoretical
   arrival time. An action over its limit *books* the next free slot of every bucket it
@@ -20,24 +22,30 @@ Every clock reading is Redis' ``TIME``: workers on different hosts share one clo
 from __future__ import annotations
 
 import calendar
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated
 from urllib.parse import urlsplit
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from producer.models import Action, ApiAction, BrowseAction, EmailAction, Primitive
+from workers.admission import Scripts
 
 __all__ = [
     "ConcurrencyLimiter",
+    "Lease",
     "LimitsPolicy",
     "QuotaCounter",
+    "QuotaCounters",
     "QuotaPolicy",
     "Rate",
     "RateLimiter",
     "destination_hosts",
+    "gcra_buckets",
     "month_reset",
     "quota_key",
 ]
@@ -71,7 +79,8 @@ class LimitsPolicy(_Strict):
     host_rate: Rate | None = Field(
         None, description="per destination host (browse/api URL host, email recipient domain)"
     )
-    concurrency: dict[Primitive, int] = Field(
+    # At least 1: a primitive a tenant must not run is left out of its ``primitives``.
+    concurrency: dict[Primitive, Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict, description="running actions per tenant x primitive"
     )
     quota: QuotaPolicy = Field(default_factory=QuotaPolicy)
@@ -110,14 +119,19 @@ def rate_keys(action: Action, limits: LimitsPolicy) -> list[tuple[str, Rate]]:
 
 
 def _month(now: datetime) -> str:
-    return now.strftime("%Y-%m")
+    return f"{now.year:04d}-{now.month:02d}"
+
+
+@functools.lru_cache(maxsize=4)  # per action otherwise; a month changes once a month
+def _reset(year: int, month: int) -> datetime:
+    days = calendar.monthrange(year, month)[1]
+    end = datetime(year, month, days, tzinfo=UTC)
+    return datetime.fromtimestamp(end.timestamp() + 86_400, UTC)
 
 
 def month_reset(now: datetime) -> datetime:
     """Start of the next calendar month (UTC): when monthly quotas reset."""
-    days = calendar.monthrange(now.year, now.month)[1]
-    end = now.replace(day=days, hour=0, minute=0, second=0, microsecond=0)
-    return datetime.fromtimestamp(end.timestamp() + 86_400, UTC)
+    return _reset(now.year, now.month)
 
 
 def quota_key(tenant: str, primitive: str | None, now: datetime) -> str:
@@ -128,42 +142,26 @@ def quota_key(tenant: str, primitive: str | None, now: datetime) -> str:
 
 # --------------------------------------------------------------------------- rate
 
-# KEYS: bucket keys. ARGV: reserve (0/1), then per key: interval_us, tolerance_us.
-# Returns the wait in microseconds until every bucket allows one more action (0: now).
-# With reserve=1 the slot at that time is booked in every bucket even when it is in
-# the future, so the caller can schedule the action for exactly then.
-_GCRA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local reserve = ARGV[1] == '1'
-local start = now
-local tats = {}
-for i = 1, #KEYS do
-  local tol = tonumber(ARGV[2 * i + 1])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
-  if tat < now then tat = now end
-  tats[i] = tat
-  if tat - tol > start then start = tat - tol end
-end
-local wait = start - now
-if wait > 0 and not reserve then return wait end
-for i = 1, #KEYS do
-  local interval = tonumber(ARGV[2 * i])
-  local tat = tats[i]
-  if tat < start then tat = start end
-  local new = tat + interval
-  redis.call('SET', KEYS[i], string.format('%d', new), 'PX',
-             math.floor((new - now) / 1000) + 1000)
-end
-return wait
-"""
+
+def gcra_buckets(buckets: Sequence[tuple[str, Rate]]) -> list[tuple[str, int, int]]:
+    """(key, emission interval µs, burst tolerance µs) per bucket, for the ADMIT script."""
+    out = []
+    for key, rate in buckets:
+        interval = 1_000_000 / rate.per_second
+        out.append((key, round(interval), round(interval * (rate.burst - 1))))
+    return out
 
 
 class RateLimiter:
-    """GCRA over any number of buckets at once, atomically."""
+    """GCRA over any number of buckets at once, atomically (the ADMIT script's rate step).
+
+    Each bucket key holds its theoretical arrival time (µs). With ``reserve`` an action
+    over the limit books the slot at the wait in every bucket, even in the future, so the
+    caller can schedule the action for exactly then.
+    """
 
     def __init__(self, client: redis.Redis) -> None:
-        self._script = client.register_script(_GCRA)
+        self._scripts = Scripts(client)
 
     def acquire(self, buckets: list[tuple[str, Rate]], *, reserve: bool) -> float:
         """Seconds to wait before the action may run (0: run now).
@@ -173,44 +171,11 @@ class RateLimiter:
         """
         if not buckets:
             return 0.0
-        argv: list[str] = ["1" if reserve else "0"]
-        for _key, rate in buckets:
-            interval = 1_000_000 / rate.per_second
-            argv += [f"{interval:.0f}", f"{interval * (rate.burst - 1):.0f}"]
-        wait_us = int(self._script(keys=[k for k, _ in buckets], args=argv))
-        return max(0.0, wait_us / 1_000_000)
+        verdict = self._scripts.admit(rate=(gcra_buckets(buckets), reserve))
+        return verdict.value / 1_000_000 if verdict.outcome == "rate" else 0.0
 
 
 # --------------------------------------------------------------------------- concurrency
-
-# KEYS[1]: lease set. ARGV: limit, lease id, ttl_ms. Returns 0 when the lease is held
-# (new or renewed), else the ms until the earliest lease expires.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local limit = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) or redis.call('ZCARD', KEYS[1]) < limit then
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], ttl * 2)
-  return 0
-end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return math.max(1, tonumber(first[2]) - now)
-"""
-
-# Renew only a lease that still exists: one that expired may already be someone's slot.
-_RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
-  return 1
-end
-return 0
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,11 +185,16 @@ class Lease:
 
 
 class ConcurrencyLimiter:
+    """Leases in a sorted set per tenant x primitive (the ADMIT script's lease step).
+
+    Member = lease id, score = expiry in ms. Acquiring drops expired leases, then adds
+    (or renews) this one when it is already held or the set has room.
+    """
+
     def __init__(self, client: redis.Redis, lease_s: float) -> None:
         self.client = client
         self.ttl_ms = max(1, int(lease_s * 1000))
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
+        self._scripts = Scripts(client)
 
     @staticmethod
     def key(tenant: str, primitive: str) -> str:
@@ -232,14 +202,15 @@ class ConcurrencyLimiter:
 
     def acquire(self, key: str, lease_id: str, limit: int) -> float:
         """0 when the lease is held; else seconds until the earliest lease expires."""
-        wait_ms = int(self._acquire(keys=[key], args=[limit, lease_id, self.ttl_ms]))
-        return wait_ms / 1000
+        verdict = self._scripts.admit(lease=(key, lease_id, limit, self.ttl_ms))
+        return verdict.value / 1000 if verdict.outcome == "conc" else 0.0
 
     def renew(self, lease: Lease) -> bool:
-        return bool(self._renew(keys=[lease.key], args=[lease.lease_id, self.ttl_ms]))
+        """Extend a lease that still exists (one that expired may be someone's slot now)."""
+        return self._scripts.settle(lease=("n", lease.key, lease.lease_id, self.ttl_ms))[1]
 
     def release(self, lease: Lease) -> None:
-        self.client.zrem(lease.key, lease.lease_id)
+        self._scripts.settle(lease=("x", lease.key, lease.lease_id, 0))
 
     def holders(self, key: str) -> list[str]:
         """Live leases (tests and operators read it)."""
@@ -249,22 +220,6 @@ class ConcurrencyLimiter:
 
 
 # --------------------------------------------------------------------------- quota
-
-# KEYS: counters. ARGV: expire_at (unix s), then one limit per key. Counts one action in
-# every counter when none is at its limit; else returns the 1-based index of the full one.
-_QUOTA = """
-for i = 1, #KEYS do
-  local used = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if used >= tonumber(ARGV[i + 1]) then return {i, used} end
-end
-for i = 1, #KEYS do
-  redis.call('INCR', KEYS[i])
-  redis.call('EXPIREAT', KEYS[i], ARGV[1])
-end
-return {0, 0}
-"""
-
-QuotaScope = Literal["all", "primitive"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,29 +231,58 @@ class QuotaVerdict:
     resets_at: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class QuotaCounters:
+    """The counters one action counts against, and when they reset."""
+
+    scoped: list[tuple[str, str, int]]  # (scope, key, limit)
+    resets_at: datetime
+    expire_at: int  # unix s: a week after the reset, for operators reading last month
+
+    def verdict(self, index: int, used: int) -> QuotaVerdict:
+        """The refusal for the full counter ``index`` (1-based, as ADMIT returns it)."""
+        scope, _key, limit = self.scoped[index - 1]
+        return QuotaVerdict(ok=False, scope=scope, limit=limit, used=used, resets_at=self.resets_at)
+
+
 class QuotaCounter:
+    """Monthly counters (the ADMIT script's quota step): one action counts once in every
+    counter that applies to it, unless one of them is full."""
+
     # Counters outlive their month by a week, for operators reading last month's usage.
     KEEP_AFTER_RESET_S = 7 * 86_400
 
     def __init__(self, client: redis.Redis) -> None:
-        self._script = client.register_script(_QUOTA)
+        self._scripts = Scripts(client)
+
+    @classmethod
+    def counters(
+        cls, action: Action, quota: QuotaPolicy, now: datetime | None = None
+    ) -> QuotaCounters | None:
+        """The action's counters this month (``now``: the clock), or None when no quota
+        applies to it."""
+        limit = quota.primitives.get(action.primitive)
+        if quota.monthly is None and limit is None:
+            return None
+        now = now or datetime.now(UTC)
+        month = _month(now)
+        prefix = f"{PREFIX}:quota:{action.tenant_id}:"
+        scoped: list[tuple[str, str, int]] = []
+        if quota.monthly is not None:
+            scoped.append(("all", f"{prefix}all:{month}", quota.monthly))
+        if limit is not None:
+            scoped.append((action.primitive, f"{prefix}{action.primitive}:{month}", limit))
+        reset = month_reset(now)
+        return QuotaCounters(scoped, reset, int(reset.timestamp()) + cls.KEEP_AFTER_RESET_S)
 
     def count(self, action: Action, quota: QuotaPolicy, now: datetime) -> QuotaVerdict:
         """Count one executed action against the tenant's quotas, unless one is full."""
-        scoped: list[tuple[str, str, int]] = []
-        if quota.monthly is not None:
-            scoped.append(("all", quota_key(action.tenant_id, None, now), quota.monthly))
-        if (limit := quota.primitives.get(action.primitive)) is not None:
-            key = quota_key(action.tenant_id, action.primitive, now)
-            scoped.append((action.primitive, key, limit))
-        if not scoped:
+        counters = self.counters(action, quota, now)
+        if counters is None:
             return QuotaVerdict(ok=True)
-        reset = month_reset(now)
-        expire_at = int(reset.timestamp()) + self.KEEP_AFTER_RESET_S
-        index, used = self._script(
-            keys=[k for _, k, _ in scoped], args=[expire_at, *[lim for _, _, lim in scoped]]
+        verdict = self._scripts.admit(
+            quota=([(k, lim) for _, k, lim in counters.scoped], counters.expire_at)
         )
-        if int(index) == 0:
-            return QuotaVerdict(ok=True)
-        scope, _key, limit = scoped[int(index) - 1]
-        return QuotaVerdict(ok=False, scope=scope, limit=limit, used=int(used), resets_at=reset)
+        if verdict.outcome == "quota":
+            return counters.verdict(verdict.value, verdict.used)
+        return QuotaVerdict(ok=True)

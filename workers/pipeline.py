@@ -82,23 +82,26 @@ class Pipeline:
             log.exception("executor crashed on action %s", ctx.action_id)
             err = InternalError(f"the worker failed unexpectedly ({type(exc).__name__})")
             result = self._result(ctx, "failed", error=err.to_info())
-        ctx.reschedule = self._settle(ctx, result)
+        dumped = result.model_dump(mode="json")  # once: settle stores this same dict
+        ctx.reschedule = self._settle(ctx, result, dumped)
         for m in self.middleware:
             self._guard(m.after_execute, ctx, result)
         if ctx.reschedule is not None:
             reason = ctx.reschedule.reason
             self._emit("retried", ctx, status=result.status, decision="retry", reason=reason)
-            return result.model_dump(mode="json")
+            return dumped
         if "dead_letter" in ctx.extra:
             self._emit("dead_lettered", ctx, status=result.status, result=result)
         self._emit("finished", ctx, status=result.status, result=result)
-        return result.model_dump(mode="json")
+        return dumped
 
-    def _settle(self, ctx: ActionContext, result: ActionResult) -> Reschedule | None:
+    def _settle(
+        self, ctx: ActionContext, result: ActionResult, dumped: dict[str, Any]
+    ) -> Reschedule | None:
         if self.reliability is None:
             return None
         try:
-            return self.reliability.settle(ctx, result)
+            return self.reliability.settle(ctx, result, dumped)
         except Exception:
             # The result stands even if Redis failed us here; leases lapse on their own.
             log.exception("could not settle action %s", ctx.action_id)

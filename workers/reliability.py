@@ -2,7 +2,9 @@
 
 The pipeline calls it at two points (see ``workers.pipeline``):
 
-``admit`` (after policy, right before the executor), in this order:
+``admit`` (after policy, right before the executor), in one round trip -- the ADMIT
+script of ``workers.admission``, which writes nothing unless every step passes (but the
+slot a rate deferral books) -- in this order:
   1. idempotency claim  -- a completed duplicate returns its stored result (``Duplicate``);
                            a duplicate still running elsewhere defers this delivery.
   2. rate limits        -- tenant x primitive, agent, destination host (GCRA, booked slot)
@@ -14,7 +16,8 @@ The pipeline calls it at two points (see ``workers.pipeline``):
   ``rate_limited`` with ``retry_after_s``. A deferral that would start past the deadline
   ends ``expired`` instead.
 
-``settle`` (once the result is known): releases the leases, then either schedules a
+``settle`` (once the result is known; one round trip, the SETTLE script, records the
+result or frees the claim and frees the lease): either schedules a
 retry (retryable error in ``retries.retry_on``, attempts left, deadline allows) or makes
 the result final: stored in the idempotency record when the executor ran, and
 dead-lettered when it is a retryable failure whose retries ran out.
@@ -25,6 +28,7 @@ whether a rate slot is booked) travels in the task's ``retry_state`` keyword arg
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -37,10 +41,19 @@ import redis
 from producer.config import Settings
 from producer.errors import DeadlinePassed, QuotaExceeded, RateLimited
 from producer.models import Action, ActionResult
+from workers.admission import SETTLE, ClaimOp, Scripts, settle_args
 from workers.deadletter import DeadLetterStore
 from workers.idempotency import IdempotencyStore
 from workers.leasekeeper import LeaseKeeper
-from workers.limits import ConcurrencyLimiter, Lease, QuotaCounter, RateLimiter, rate_keys
+from workers.limits import (
+    ConcurrencyLimiter,
+    Lease,
+    QuotaCounter,
+    QuotaVerdict,
+    RateLimiter,
+    gcra_buckets,
+    rate_keys,
+)
 from workers.middleware import ActionContext
 from workers.policy import Grant
 from workers.retries import backoff_s
@@ -48,6 +61,8 @@ from workers.retries import backoff_s
 log = logging.getLogger(__name__)
 
 __all__ = ["Deferred", "Duplicate", "Reliability", "Reschedule", "RetryState"]
+
+_to_json = json.JSONEncoder(separators=(",", ":")).encode  # built once, not per action
 
 # Waiting for a concurrency slot or a running duplicate: poll at this pace (with jitter)
 # rather than until the holder's lease expiry, since holders usually finish far earlier.
@@ -108,10 +123,12 @@ class Duplicate(Exception):  # a control signal, not an error
 
 @dataclass(slots=True)
 class _Held:
+    """What an admitted delivery holds until ``release``: its claim and maybe a lease."""
+
     idem_key: str
     owner: str
-    handles: list[int] = field(default_factory=list)
     lease: Lease | None = None
+    handle: int = 0  # the lease keeper's
 
 
 def state_of(ctx: ActionContext) -> RetryState:
@@ -140,8 +157,13 @@ class Reliability:
             client, lease_s=lease_s, retention_s=idempotency_retention_s
         )
         self.dead = DeadLetterStore(client, dead_retention_s)
+        self.scripts = Scripts(client)  # the pipeline's path: ADMIT and SETTLE directly
         self.keeper = LeaseKeeper(lease_s / 3)
         self.max_defer_s = max_defer_s
+        # True when the Celery task stores results on this same Redis with
+        # workers.backend.FleetRedisBackend: the settle write then rides in the result's
+        # own transaction instead of costing a round trip (set by workers.app).
+        self.defer_settle = False
 
     @classmethod
     def from_settings(cls, settings: Settings, broker_url: str) -> Reliability:
@@ -164,72 +186,66 @@ class Reliability:
 
     def admit(self, ctx: ActionContext, action: Action, grant: Grant) -> None:
         """Hold everything the action needs, or raise ``Duplicate``, ``Deferred`` or an
-        ``ActionError`` (rate_limited, quota_exceeded, expired)."""
-        state = state_of(ctx)
-        owner = f"{ctx.worker}:{os.getpid()}:{ctx.trace_id}"
-        held = _Held(IdempotencyStore.key(action.tenant_id, action.idempotency_key or ""), owner)
-        claim = self.idempotency.claim(held.idem_key, owner)
-        if claim.state == "completed":
-            assert claim.result is not None
-            raise Duplicate(claim.result)
-        if claim.state == "busy":
-            raise self._defer(action, min(claim.wait_s, POLL_S), "a duplicate is running")
-        ctx.extra["_held"] = held
-        held.handles.append(self.keeper.hold(lambda: self.idempotency.renew(held.idem_key, owner)))
-        ctx.extra["idempotency_key"] = action.idempotency_key
-        ctx.extra["_retries"] = grant.tenant.retries
-        try:
-            self._limits(ctx, action, grant, state, held)
-        except BaseException:
-            self.release(ctx)
-            raise
+        ``ActionError`` (rate_limited, quota_exceeded, expired).
 
-    def _limits(
-        self, ctx: ActionContext, action: Action, grant: Grant, state: RetryState, held: _Held
-    ) -> None:
+        One round trip: the ADMIT script (workers/admission.py) checks every section and
+        writes only when all pass, so a refused action holds nothing afterwards."""
+        state = state_of(ctx)
         limits = grant.tenant.limits
         fail_fast = action.on_limit == "fail"
-        buckets = rate_keys(action, limits)
+        owner = f"{ctx.worker}:{os.getpid()}:{ctx.trace_id}"
+        idem_key = IdempotencyStore.key(action.tenant_id, action.idempotency_key or "")
         if state.rate_booked:
             state.rate_booked = False  # this delivery runs in the slot booked for it
-        elif buckets:
-            wait = self.rate.acquire(buckets, reserve=not fail_fast)
-            if wait > 0:
-                if fail_fast:
-                    raise _limited(f"tenant {action.tenant_id!r} is over its rate limit", wait)
-                state.rate_booked = True
-                raise self._defer(action, wait, "rate limit")
+            buckets: list[tuple[str, int, int]] = []
+        else:
+            buckets = gcra_buckets(rate_keys(action, limits))
+        lease: Lease | None = None
         if (limit := limits.concurrency.get(action.primitive)) is not None:
-            key = ConcurrencyLimiter.key(action.tenant_id, action.primitive)
-            wait = self.concurrency.acquire(key, held.owner, limit)
-            if wait > 0:
-                if fail_fast:
-                    raise _limited(
-                        f"tenant {action.tenant_id!r} already runs {limit} {action.primitive} "
-                        "actions at once (its concurrency limit)",
-                        min(wait, POLL_S),
-                        limit="concurrency",
-                    )
-                raise self._defer(action, min(wait, POLL_S), "concurrency limit")
-            held.lease = Lease(key, held.owner)
-            lease = held.lease
-            held.handles.append(self.keeper.hold(lambda: self.concurrency.renew(lease)))
+            lease = Lease(ConcurrencyLimiter.key(action.tenant_id, action.primitive), owner)
+        counters = None
         if not state.quota_counted:
-            now = datetime.now(UTC)
-            verdict = self.quota.count(action, limits.quota, now)
-            if not verdict.ok:
-                assert verdict.resets_at is not None
-                what = "actions" if verdict.scope == "all" else f"{verdict.scope} actions"
-                raise QuotaExceeded(
-                    f"tenant {action.tenant_id!r} used its {verdict.limit} {what} for this "
-                    f"month; the quota resets at {verdict.resets_at.isoformat()}: send it "
-                    "again then, or ask for a larger quota",
-                    scope=verdict.scope,
-                    limit=verdict.limit,
-                    used=verdict.used,
-                    resets_at=verdict.resets_at.isoformat(),
+            counters = QuotaCounter.counters(action, limits.quota)
+        ttl_ms = self.idempotency.lease_ms
+        verdict = self.scripts.admit(
+            claim=(idem_key, owner, ttl_ms),
+            rate=(buckets, not fail_fast),
+            lease=None if lease is None else (lease.key, owner, limit or 0, ttl_ms),
+            quota=None
+            if counters is None
+            else ([(k, n) for _, k, n in counters.scoped], counters.expire_at),
+        )
+        outcome = verdict.outcome
+        if outcome == "done":
+            raise Duplicate(json.loads(verdict.result))
+        if outcome == "busy":
+            wait = max(0.001, verdict.value / 1000)
+            raise self._defer(action, min(wait, POLL_S), "a duplicate is running")
+        ctx.extra["idempotency_key"] = action.idempotency_key
+        ctx.extra["_retries"] = grant.tenant.retries
+        if outcome == "rate":
+            wait = verdict.value / 1_000_000
+            if fail_fast:
+                raise _limited(f"tenant {action.tenant_id!r} is over its rate limit", wait)
+            state.rate_booked = True  # the script booked the slot at ``wait``
+            raise self._defer(action, wait, "rate limit")
+        if outcome == "conc":
+            wait = min(verdict.value / 1000, POLL_S)
+            if fail_fast:
+                raise _limited(
+                    f"tenant {action.tenant_id!r} already runs {limit} {action.primitive} "
+                    "actions at once (its concurrency limit)",
+                    wait,
+                    limit="concurrency",
                 )
-            state.quota_counted = True
+            raise self._defer(action, wait, "concurrency limit")
+        if outcome == "quota":
+            assert counters is not None
+            raise _over_quota(action, counters.verdict(verdict.value, verdict.used))
+        state.quota_counted = True
+        held = _Held(idem_key, owner, lease)
+        held.handle = self.keeper.hold(lambda: self._renew(held))
+        ctx.extra["_held"] = held
 
     def _defer(self, action: Action, wait_s: float, reason: str) -> Exception:
         if reason != "rate limit":  # booked slots are exact; polls spread out
@@ -249,18 +265,37 @@ class Reliability:
     # -- after the executor --------------------------------------------------------------
 
     def release(self, ctx: ActionContext, *, completed: dict[str, Any] | None = None) -> None:
-        """Free the leases; record ``completed`` as the key's result, or free the claim."""
+        """Record ``completed`` as the key's result (or free the claim) and free the lease,
+        in one round trip (the SETTLE script)."""
         held = ctx.extra.pop("_held", None)
         if not isinstance(held, _Held):
             return
-        for handle in held.handles:
-            self.keeper.drop(handle)
-        if held.lease is not None:
-            self.concurrency.release(held.lease)
+        self.keeper.drop(held.handle)
+        op: ClaimOp = "r"  # free the claim: the next delivery runs the action
+        payload, retention_s = "", 0
         if completed is not None:
-            self.idempotency.complete(held.idem_key, held.owner, completed)
-        else:
-            self.idempotency.release(held.idem_key, held.owner)
+            op, retention_s = "c", self.idempotency.retention_s
+            payload = _to_json(completed)
+        lease = held.lease
+        claim = (op, held.idem_key, held.owner, payload, retention_s)
+        lease_op = None if lease is None else ("x", lease.key, lease.lease_id, 0)
+        if self.defer_settle:
+            from workers.backend import Rider, ride_with_result
+
+            keys, args = settle_args(claim=claim, lease=lease_op)  # type: ignore[arg-type]
+            ride_with_result(Rider(SETTLE, tuple(keys), tuple(args)))
+            return
+        self.scripts.settle(claim=claim, lease=lease_op)  # type: ignore[arg-type]
+
+    def _renew(self, held: _Held) -> None:
+        # From the lease keeper's thread: claim and lease in one round trip.
+        lease = held.lease
+        self.scripts.settle(
+            claim=("n", held.idem_key, held.owner, self.idempotency.lease_ms, 0),
+            lease=None
+            if lease is None
+            else ("n", lease.key, lease.lease_id, self.concurrency.ttl_ms),
+        )
 
     def deferred(self, ctx: ActionContext, exc: Deferred) -> Reschedule:
         state = state_of(ctx)
@@ -274,14 +309,20 @@ class Reliability:
                 log.debug("could not count a rate-limit deferral", exc_info=True)
         return Reschedule(exc.wait_s, exc.reason, state.to_dict())
 
-    def settle(self, ctx: ActionContext, result: ActionResult) -> Reschedule | None:
-        """Retry (returns a ``Reschedule``) or make ``result`` final (returns None)."""
+    def settle(
+        self, ctx: ActionContext, result: ActionResult, dumped: dict[str, Any] | None = None
+    ) -> Reschedule | None:
+        """Retry (returns a ``Reschedule``) or make ``result`` final (returns None).
+
+        ``dumped``: ``result.model_dump(mode="json")`` when the caller already has it."""
         state = state_of(ctx)
         action = ctx.action
         error = result.error
         executed = result.status in {"succeeded", "failed", "timed_out"}
         if action is None or error is None or not executed or not error.retryable:
-            self.release(ctx, completed=result.model_dump(mode="json") if executed else None)
+            if executed and dumped is None:
+                dumped = result.model_dump(mode="json")
+            self.release(ctx, completed=dumped if executed else None)
             return None
         retries = ctx.extra.get("_retries")  # set by admit: only executed actions retry
         attempt = {
@@ -302,15 +343,29 @@ class Reliability:
                     self.release(ctx)
                     state.attempts.append(attempt)
                     return Reschedule(delay, f"{error.type}: {error.message}", state.to_dict())
-        self.release(ctx, completed=result.model_dump(mode="json"))
+        if dumped is None:
+            dumped = result.model_dump(mode="json")
+        self.release(ctx, completed=dumped)
         if error.type != "rate_limited":
-            ctx.extra["dead_letter"] = self.dead.put(
-                ctx.raw, [*state.attempts, attempt], result.model_dump(mode="json")
-            )
+            ctx.extra["dead_letter"] = self.dead.put(ctx.raw, [*state.attempts, attempt], dumped)
         return None
 
     def close(self) -> None:
         self.client.close()
+
+
+def _over_quota(action: Action, verdict: QuotaVerdict) -> QuotaExceeded:
+    assert verdict.resets_at is not None
+    what = "actions" if verdict.scope == "all" else f"{verdict.scope} actions"
+    return QuotaExceeded(
+        f"tenant {action.tenant_id!r} used its {verdict.limit} {what} for this "
+        f"month; the quota resets at {verdict.resets_at.isoformat()}: send it "
+        "again then, or ask for a larger quota",
+        scope=verdict.scope,
+        limit=verdict.limit,
+        used=verdict.used,
+        resets_at=verdict.resets_at.isoformat(),
+    )
 
 
 def _limited(message: str, wait_s: float, limit: str = "rate") -> RateLimited:
