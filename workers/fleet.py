@@ -233,6 +233,10 @@ class Fleet:
 
     def _worker(self, primitive: str) -> _Child:
         env = self._child_env()
+        if self.flower:
+            # Flower enables task events by broadcast only every 5 s: from the start, so an
+            # action sent right after `up --flower` is on the dashboard too.
+            env.setdefault("ACTIONFLEET_TASK_EVENTS", "true")
         name = f"{primitive}.{os.getpid()}@{socket.gethostname()}"
         argv = celery_worker_argv(queue_for(primitive), name=name, concurrency=self.concurrency)
         return _Child(name, argv, self.settings.home / "logs" / f"worker-{primitive}.log", env)
