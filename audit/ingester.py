@@ -28,7 +28,6 @@ import logging
 import os
 import queue
 import re
-import signal
 import socket
 import sys
 import threading
@@ -599,19 +598,11 @@ class Ingester:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m audit.ingester``: the same as ``actionfleet audit ingest``."""
-    from audit.cli import add_ingest_arguments, ingester_from_args
+    from audit.cli import add_ingest_arguments, cmd_ingest
 
     parser = argparse.ArgumentParser(prog="python -m audit.ingester", description=__doc__)
     add_ingest_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    ingester = ingester_from_args(args)
-    signal.signal(signal.SIGTERM, ingester.stop)
-    signal.signal(signal.SIGINT, ingester.stop)
-    ingester.run_forever()
-    return 0
+    return cmd_ingest(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

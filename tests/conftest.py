@@ -178,3 +178,27 @@ def code_action(source: str, language: str = "python", **payload: object) -> dic
         "user_id": "u-1",
         "payload": {"language": language, "source": source, **payload},
     }
+
+
+def http_status(url: str, auth: tuple[str, str] | None = None, wait_s: float = 0.0) -> int:
+    """HTTP status of a GET (with basic auth if given); connection errors are retried for
+    ``wait_s`` (a server still starting), then raised."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        req = urllib.request.Request(url)
+        if auth:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

@@ -32,7 +32,7 @@ import yaml
 from producer.client import ActionClient
 from producer.config import Settings
 from producer.models import PRIMITIVES, queue_for
-from tests.conftest import ROOT, TEST_POLICY
+from tests.conftest import ROOT, TEST_POLICY, http_status
 from tests.services import require
 from workers.fleet import free_port
 
@@ -348,8 +348,10 @@ def test_compose_stack_runs_one_action_per_primitive(
 
         # Flower: behind basic auth. Metrics: the queues, served by the exporter container.
         flower = f"http://127.0.0.1:{ports['AF_FLOWER_PORT']}/"
-        assert _http_status(flower) == 401
-        assert _http_status(flower, ("admin", SECRETS["ACTIONFLEET_FLOWER_PASSWORD"])) == 200
+        assert http_status(flower, wait_s=60) == 401
+        assert (
+            http_status(flower, ("admin", SECRETS["ACTIONFLEET_FLOWER_PASSWORD"]), wait_s=60) == 200
+        )
         metrics = f"http://127.0.0.1:{ports['AF_METRICS_PORT']}/metrics"
         with urllib.request.urlopen(metrics, timeout=10) as resp:
             text = resp.read().decode()
@@ -397,27 +399,6 @@ def _wait_healthy(dc: Any, services: list[str], timeout: float = 180) -> None:
         time.sleep(2)
     logs = dc("logs", "--tail", "30", *services, timeout=60).stdout
     pytest.fail(f"workers not healthy after {timeout:.0f}s: {status}\n{logs[-4000:]}")
-
-
-def _http_status(url: str, auth: tuple[str, str] | None = None) -> int:
-    import base64
-    import urllib.error
-
-    deadline = time.monotonic() + 60
-    while True:
-        req = urllib.request.Request(url)
-        if auth:
-            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-            req.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return int(resp.status)
-        except urllib.error.HTTPError as exc:
-            return int(exc.code)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def _audit_rows(dc: Any, want: int, timeout: float = 60) -> list[dict[str, Any]]:

@@ -26,21 +26,21 @@ import pytest
 from producer.client import ActionClient
 from producer.config import Settings
 from producer.models import PRIMITIVES, queue_for
-from tests.conftest import ROOT, TEST_POLICY, RedisServer, Worker, code_action, start_worker
+from tests.conftest import (
+    ROOT,
+    TEST_POLICY,
+    RedisServer,
+    Worker,
+    code_action,
+    http_status,
+    start_worker,
+)
 from tests.services import require
+from workers.browser.manager import BASE_ARGS
 from workers.flower import flower_argv, flower_auth, flower_env
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
-LAUNCH_ARGS = [
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 PASSWORD = "flower-test-pw-1234"
 
 
@@ -111,25 +111,11 @@ def up_fleet(
             proc.wait()
 
 
-def _get(url: str, auth: tuple[str, str] | None = None) -> int:
-    req = urllib.request.Request(url)
-    if auth:
-        import base64
-
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        req.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-
-
 def _wait_status(url: str, auth: tuple[str, str] | None, want: int) -> int:
     deadline, status = time.monotonic() + 60, 0
     while time.monotonic() < deadline:
         try:
-            status = _get(url, auth)
+            status = http_status(url, auth)
         except OSError:
             status = 0  # not listening yet
         if status == want:
@@ -151,9 +137,9 @@ def test_fleet_file_records_flower_and_metrics(up_fleet: UpFleet) -> None:
 def test_flower_refuses_without_credentials(up_fleet: UpFleet) -> None:
     url = up_fleet.info["flower"]["url"]
     assert _wait_status(url, ("ops", PASSWORD), 200) == 200
-    assert _get(url) == 401
-    assert _get(url, ("ops", "wrong-password")) == 401
-    assert _get(url + "api/workers") == 401
+    assert http_status(url) == 401
+    assert http_status(url, ("ops", "wrong-password")) == 401
+    assert http_status(url + "api/workers") == 401
 
 
 def test_browser_sees_queues_workers_and_a_succeeded_task(up_fleet: UpFleet) -> None:
@@ -163,7 +149,7 @@ def test_browser_sees_queues_workers_and_a_succeeded_task(up_fleet: UpFleet) -> 
     base = up_fleet.info["flower"]["url"]
     assert _wait_status(base, ("ops", PASSWORD), 200) == 200
     ARTIFACTS.mkdir(exist_ok=True)
-    args = [*LAUNCH_ARGS, *(["--no-sandbox"] if os.geteuid() == 0 else [])]
+    args = [*BASE_ARGS, *(["--no-sandbox"] if os.geteuid() == 0 else [])]
     worker_names = [w["name"] for w in up_fleet.info["workers"]]
     if up_fleet.extra_worker is not None:
         worker_names.append(up_fleet.extra_worker.name)

@@ -35,6 +35,7 @@ from celery.exceptions import Reject, Retry
 from producer.config import get_settings
 from producer.models import PRIMITIVES, queue_for, task_name_for
 from producer.transport import celery_conf, kwargs_repr
+from workers.backend import FleetRedisBackend, run_riders, take_riders
 from workers.executors import ExecutorRegistry
 from workers.middleware import ActionContext, LogMiddleware
 from workers.pipeline import Pipeline
@@ -51,7 +52,7 @@ app = Celery("actionfleet")
 app.conf.update(celery_conf(settings, settings.resolved_broker_url() or DEFAULT_BROKER))
 if urlsplit(app.conf.result_backend).scheme in ("redis", "rediss"):
     # One round trip stores the result and the pipeline's settle writes (workers/backend.py).
-    app.backend_cls = "workers.backend:FleetRedisBackend"
+    app.backend_cls = FleetRedisBackend
 app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
@@ -113,8 +114,6 @@ def get_pipeline() -> Pipeline:
                 sensitive_fields=a.sensitive_fields,
                 preview_bytes=a.preview_bytes,
             )
-            from workers.backend import FleetRedisBackend
-
             policy = PolicyEngine(settings.policy)
             broker = settings.resolved_broker_url() or DEFAULT_BROKER
             reliability = Reliability.from_settings(settings, broker)
@@ -183,8 +182,6 @@ TASKS = {p: _make_task(p) for p in PRIMITIVES}
 def _run_leftover_riders(**_: Any) -> None:
     # Settle writes meant to ride with the result, when the task stored none (it rejected
     # the message back to the queue): run them now, never with the next task's result.
-    from workers.backend import run_riders, take_riders
-
     riders = take_riders()
     if riders:
         try:
