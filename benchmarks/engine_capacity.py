@@ -197,8 +197,8 @@ class Engine:
     def lifecycle(
         self, kwargs: dict[str, Any], variant: str, done: queue.Queue[str | None]
     ) -> dict[str, float]:
+        from sandboxes.attach import read_frame
         from sandboxes.docker import close_stdin
-        from sandboxes.pool import _read_frame
 
         api, times = self.sandbox._api, {}
         t = time.perf_counter()
@@ -213,7 +213,7 @@ class Engine:
                 times["start"], t = time.perf_counter() - t, time.perf_counter()
                 nonce = secrets.token_hex(16)
                 self.sandbox._send(cid, sock, self._encode(self.spec, nonce))
-                frame, _ = _read_frame(sock, nonce, time.monotonic() + 30, self.limits)
+                frame, _ = read_frame(sock, nonce, time.monotonic() + 30, self.limits)
                 times["frame"], t = time.perf_counter() - t, time.perf_counter()
                 assert frame is not None and frame["exit_code"] == 0, frame
             finally:

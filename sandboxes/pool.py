@@ -35,7 +35,6 @@ import contextlib
 import logging
 import math
 import secrets
-import select
 import socket
 import threading
 import time
@@ -49,6 +48,7 @@ import docker.errors
 import requests.exceptions
 
 from producer.errors import SandboxError
+from sandboxes.attach import read_frame, socket_closed
 from sandboxes.base import Limits, RunOutcome, RunSpec, Runtime
 from sandboxes.docker import (
     API_TIMEOUT_S,
@@ -61,7 +61,6 @@ from sandboxes.docker import (
     close_stdin,
     encode_request,
     end_orphaned_runtime_processes,
-    json_frame,
     parse_frame,
 )
 from sandboxes.reaper import owner_label
@@ -147,65 +146,6 @@ class _Demand:
                 break
             recent += 1
         return recent / window_s
-
-
-def _socket_closed(sock: socket.socket) -> bool:
-    """True if the daemon closed the attach connection (the container died or was removed).
-
-    Nothing is ever sent to us on a stdin-only attach, so readable means EOF or an error.
-    """
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
-
-
-def _read_frame(
-    sock: socket.socket, nonce: str, deadline: float, limits: Limits
-) -> tuple[dict[str, Any] | None, bool]:
-    """Read the attach stream until the runner's frame: (frame or None, deadline passed).
-
-    The stream is Docker's multiplexed format (8-byte header: stream id, 3 zero bytes, a
-    big-endian length; then the payload); only stdout (id 1) is kept. Under runc the FIRST
-    complete line carrying our nonce is the runner's frame and final: only the runner can
-    write to its stdout (it is non-dumpable, so /proc/1/fd/1 cannot be opened by the
-    program), the nonce was never inside the container before the request, and the runner
-    writes the frame after every program process is dead. (Under gVisor the caller
-    re-reads the log after exit instead.)
-    None when the stream ends without one (the runner died) or grows past any real frame.
-    """
-    # A frame holds at most both capped streams in base64 plus a small header.
-    max_bytes = 4 * limits.output_bytes + (1 << 20)
-    raw, stdout = b"", b""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None, True
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(1 << 16)
-        except TimeoutError:
-            return None, True
-        except OSError:
-            return None, False
-        if not chunk:
-            return None, False
-        raw += chunk
-        while len(raw) >= 8:
-            size = int.from_bytes(raw[4:8], "big")
-            if len(raw) < 8 + size:
-                break
-            if raw[0] == 1:
-                stdout += raw[8 : 8 + size]
-            raw = raw[8 + size :]
-        while b"\n" in stdout:
-            line, _, stdout = stdout.partition(b"\n")
-            frame = json_frame(line)
-            if frame is not None and frame.get("nonce") == nonce:
-                return frame, False
-        if len(stdout) + len(raw) > max_bytes:
-            return None, False
 
 
 class PooledDockerSandbox:
@@ -316,7 +256,7 @@ class PooledDockerSandbox:
             entries = self._warm.get(profile)
             while entries:
                 entry = entries.popleft()
-                if entry.expires - time.time() >= needed and not _socket_closed(entry.sock):
+                if entry.expires - time.time() >= needed and not socket_closed(entry.sock):
                     taken = entry
                     break
                 stale.append(entry)
@@ -334,7 +274,7 @@ class PooledDockerSandbox:
         try:
             try:
                 sandbox._send(cid, warm.sock, encode_request(spec, nonce, max_procs=max_procs))
-                frame, watchdog_fired = _read_frame(warm.sock, nonce, deadline, spec.limits)
+                frame, watchdog_fired = read_frame(warm.sock, nonce, deadline, spec.limits)
             finally:
                 close_stdin(warm.wrapper, warm.sock)
             if frame is not None and self.runtime == "runc":
@@ -408,7 +348,7 @@ class PooledDockerSandbox:
             kept: deque[_Warm] = deque()
             for entry in entries:
                 too_old = wall - entry.created > self.ttl_s / 2
-                if too_old or len(kept) >= keep or _socket_closed(entry.sock):
+                if too_old or len(kept) >= keep or socket_closed(entry.sock):
                     to_retire.append(entry)
                 else:
                     kept.append(entry)
