@@ -74,6 +74,10 @@ def celery_conf(settings: Settings, broker_url: str) -> dict[str, Any]:
             # by default, on top of the timeout); sweep at a quarter of the timeout instead.
             "unacked_restore_interval": max(1, min(60, settings.visibility_timeout_s // 4)),
             "unacked_restore_throttle": 1,
+            # A sweeper SIGKILLed mid-sweep keeps its lock this long, blocking every
+            # other sweep (kombu's default is 300 s). Two sweeps at once are harmless:
+            # each message is restored in a WATCH transaction on the unacked hash.
+            "unacked_mutex_expire": max(5, min(60, settings.visibility_timeout_s // 4)),
             "priority_steps": REDIS_PRIORITY_STEPS,
             "queue_order_strategy": "priority",
         },

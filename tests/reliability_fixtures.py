@@ -98,3 +98,19 @@ def event_lines(worker: Worker, action_id: str, stage: str) -> list[dict[str, An
         if record.get("action_id") == action_id and record.get("stage") == stage:
             out.append(record)
     return out
+
+
+def whereabouts(client: Any, task_id: str, queue: str = "actions.code") -> dict[str, Any]:
+    """Where a task's message is now, for a failure message: in a queue list, in kombu's
+    unacked hash (delivered, not acknowledged), and whether a result is stored."""
+    from producer.transport import REDIS_PRIORITY_SEP, REDIS_PRIORITY_STEPS
+
+    lists = [queue] + [f"{queue}{REDIS_PRIORITY_SEP}{s}" for s in REDIS_PRIORITY_STEPS[1:]]
+    queued = [k for k in lists for m in client.lrange(k, 0, -1) if task_id.encode() in m]
+    unacked = [t for t, m in client.hscan_iter("unacked") if task_id.encode() in m]
+    return {
+        "queued_in": queued,
+        "unacked_tags": unacked,
+        "result": client.get(f"celery-task-meta-{task_id}"),
+        "unacked_mutex_ttl_ms": client.pttl("unacked_mutex"),
+    }

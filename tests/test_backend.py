@@ -4,10 +4,13 @@ pipeline's settle writes in the same transaction."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from celery import Celery, states
 
 from producer.client import ActionClient
 from tests.conftest import RedisServer, start_worker
+from workers.admission import ADMIT, SETTLE
 from workers.backend import FleetRedisBackend, Rider, ride_with_result, take_riders
 from workers.idempotency import IdempotencyStore
 
@@ -122,19 +126,46 @@ def test_a_worker_settles_in_the_results_transaction(
             "payload": {"op": "write", "path": "x.txt", "content": "hi"},
         }
         assert client.run(write, timeout=60).status == "succeeded"
-        before = _calls(r)
         action = client.validate(write | {"payload": {"op": "stat", "path": "x.txt"}})
-        result = client.run(action.model_dump(mode="json"), timeout=60)
-        assert result.status == "succeeded"
-        time.sleep(0.2)  # the worker acknowledges after the result is stored
-        spent = {k: v - before.get(k, 0) for k, v in _calls(r).items() if v != before.get(k, 0)}
-        assert spent.get("evalsha", 0) == 1, spent  # admit
-        assert spent.get("eval", 0) == 2, spent  # store + settle, one MULTI/EXEC
+        with _Monitor(r, db) as commands:
+            result = client.run(action.model_dump(mode="json"), timeout=60)
+            assert result.status == "succeeded"
+            time.sleep(0.2)  # the worker acknowledges after the result is stored
+        scripts = Counter(c.split()[1] for c in commands if c.startswith("EVALSHA"))
+        assert scripts[_sha(ADMIT)] == 1, commands
+        assert scripts[_sha(SETTLE)] == 0, commands  # no settle round trip of its own
+        evals = [c for c in commands if c.startswith("EVAL ")]
+        assert len(evals) == 2 and "MULTI" in commands, commands  # store + settle
         record = json.loads(r.get(IdempotencyStore.key("ride", action.idempotency_key or "")))
         assert record["s"] == "c" and json.loads(record["r"])["status"] == "succeeded"
     finally:
         worker.stop()
 
 
-def _calls(r: redis.Redis) -> dict[str, int]:
-    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in r.info("commandstats").items()}
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
+class _Monitor:
+    """The commands redis-server executes on database ``db`` (MONITOR), while open."""
+
+    def __init__(self, r: redis.Redis, db: int) -> None:
+        self.r, self.db, self.commands = r, db, []  # type: ignore[var-annotated]
+
+    def __enter__(self) -> list[str]:
+        self._monitor = self.r.monitor().__enter__()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self.commands
+
+    def _read(self) -> None:
+        for cmd in self._monitor.listen():
+            if cmd["command"] == "ECHO monitor-stop":
+                return
+            if cmd.get("db") == self.db:
+                self.commands.append(cmd["command"])
+
+    def __exit__(self, *exc: object) -> None:
+        self.r.echo("monitor-stop")
+        self._thread.join(10)
+        self._monitor.__exit__(*exc)

@@ -14,8 +14,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from producer.client import ActionClient, ActionHandle
+from producer.errors import ResultTimeout
+from producer.models import ActionResult
 from tests.conftest import RedisServer, start_redis
 from tests.reliability_fixtures import (
     applied,
@@ -26,6 +29,7 @@ from tests.reliability_fixtures import (
     probe_worker,
     runs,
     wait_for,
+    whereabouts,
 )
 from workers.executors.probe import read_log
 from workers.idempotency import IdempotencyStore
@@ -157,7 +161,7 @@ def test_kill9_mid_batch_every_action_one_result_one_effect(
         for pid in [*doomed.pool_pids(), doomed.proc.pid]:
             subprocess.run(["kill", "-9", str(pid)], check=False)
         doomed.proc.wait(10)
-        results = [h.result(timeout=180) for h in handles + duplicates]
+        results = [_result_or_whereabouts(h, redis_own.client(4)) for h in handles + duplicates]
         assert [r.status for r in results] == ["succeeded"] * len(results)
         # A duplicate gets the result of the one delivery that ran (its action id too).
         by_key = {h.action.idempotency_key: r for h, r in zip(handles, results, strict=False)}
@@ -176,6 +180,15 @@ def test_kill9_mid_batch_every_action_one_result_one_effect(
     finally:
         doomed.stop(signal.SIGKILL)
         survivor.stop()
+
+
+def _result_or_whereabouts(handle: ActionHandle, client: Any) -> ActionResult:
+    try:
+        return handle.result(timeout=180)
+    except ResultTimeout:
+        raise AssertionError(
+            f"no result for {handle.action_id}: {whereabouts(client, handle.action_id)}"
+        ) from None
 
 
 def test_redis_restart_mid_batch_loses_nothing(

@@ -36,6 +36,7 @@ from producer.config import get_settings
 from producer.models import PRIMITIVES, queue_for, task_name_for
 from producer.transport import celery_conf, kwargs_repr
 from workers.backend import FleetRedisBackend, run_riders, take_riders
+from workers.broker import install_transport
 from workers.executors import ExecutorRegistry
 from workers.middleware import ActionContext, LogMiddleware
 from workers.pipeline import Pipeline
@@ -53,6 +54,8 @@ app.conf.update(celery_conf(settings, settings.resolved_broker_url() or DEFAULT_
 if urlsplit(app.conf.result_backend).scheme in ("redis", "rediss"):
     # One round trip stores the result and the pipeline's settle writes (workers/backend.py).
     app.backend_cls = FleetRedisBackend
+# A fetch that records the message as unacked in the same step (workers/broker.py).
+install_transport()
 app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,

@@ -1,0 +1,165 @@
+"""kombu's Redis transport, with a fetch that cannot lose a message to a crash.
+
+kombu consumes with BRPOP: a message leaves its queue list when Redis sends the reply,
+and it is recorded in the ``unacked`` hash (what the visibility timeout restores from)
+only after the worker has read that reply and sent a second command. A worker killed
+in between loses the message for good -- and the window is not only microseconds: kombu
+leaves a reply unread in the socket while the worker is out of prefetch credit, e.g.
+just after its pool processes died and before it is killed itself.
+
+Here, while the queues have messages, the pop and the ``unacked`` record are one Lua
+script (``FETCH``), so a message is always in a queue list or in ``unacked``, never only
+in flight. Redis has no blocking move from several lists (one per queue and priority),
+so a worker whose fetch found every list empty waits with BRPOP as before, and goes
+back to the script after that one message: the only delivery still exposed is the
+first one an idle worker receives (docs/reliability.md).
+
+``install_transport`` (called by ``workers.app``) makes it the transport of ``redis://``
+and ``rediss://`` URLs in the worker process. Registering it under those names, rather
+than naming the class in ``broker_transport``, keeps what kombu derives from the scheme:
+TLS for ``rediss``, and the URL that Flower reads to find the broker. Queues consumed
+without acknowledgements (pidbox replies) and a ``global_keyprefix`` keep plain BRPOP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from queue import Empty
+from time import monotonic, time
+from typing import Any
+
+import redis as redis_py
+from kombu import transport as kombu_transport
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import QoS as VirtualQoS
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+__all__ = ["FETCH", "Channel", "QoS", "Transport", "install_transport"]
+
+# KEYS: unacked_index, unacked, then the queue lists in BRPOP's order (priority first).
+# ARGV[1]: now (unix s, the worker's clock, as kombu scores its own entries).
+# Pops the first message and records it exactly as kombu's QoS.append would:
+# unacked[tag] = [message, exchange, routing_key], unacked_index[tag] = now.
+FETCH = """
+for i = 3, #KEYS do
+  local item = redis.call('RPOP', KEYS[i])
+  if item then
+    local ok, m = pcall(cjson.decode, item)
+    local p = ok and type(m) == 'table' and m.properties
+    local tag = type(p) == 'table' and p.delivery_tag
+    if type(tag) == 'string' then
+      local d = type(p.delivery_info) == 'table' and p.delivery_info or {}
+      redis.call('ZADD', KEYS[1], ARGV[1], tag)
+      redis.call('HSET', KEYS[2], tag, '[' .. item .. ',' .. cjson.encode(d.exchange or '')
+                 .. ',' .. cjson.encode(d.routing_key or '') .. ']')
+    end
+    return {KEYS[i], item}
+  end
+end
+return false
+"""
+_FETCH_SHA = hashlib.sha1(FETCH.encode()).hexdigest()
+
+# A fetched message whose reply waited longer than this in the socket (the worker was
+# out of credit) gets its unacked score refreshed, so the visibility timeout counts from
+# when the worker took it, as with kombu's own record.
+_RESCORE_AFTER_S = 1.0
+
+
+class QoS(kombu_redis.QoS):
+    def append(self, message: Any, delivery_tag: str) -> None:
+        fetched_at = self.channel._fetched.pop(delivery_tag, None)
+        if fetched_at is None:  # delivered by BRPOP: record it now, as kombu does
+            return super().append(message, delivery_tag)
+        if monotonic() - fetched_at > _RESCORE_AFTER_S:
+            with self.channel.conn_or_acquire() as client:
+                client.zadd(self.unacked_index_key, {delivery_tag: time()}, xx=True)
+        VirtualQoS.append(self, message, delivery_tag)
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fetched: dict[str, float] = {}  # tag -> when FETCH recorded it
+        self._noack_queues: set[str] = set()
+        self._try_fetch = True  # False after FETCH found every list empty
+        self._fetch_sent = False  # the pending reply is FETCH's, not BRPOP's
+        self._script_loaded = False
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("no_ack", args[0] if args else False):
+            self._noack_queues.add(queue)
+        return super().basic_consume(queue, *args, **kwargs)
+
+    def _fetch_keys(self) -> list[str] | None:
+        if not (self._try_fetch and self.ack_emulation) or self.global_keyprefix:
+            return None
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues or self._noack_queues.intersection(queues):
+            return None
+        return [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        keys = self._fetch_keys()
+        if keys is None:
+            return super()._brpop_start(timeout)
+        if not self._script_loaded:
+            with self.conn_or_acquire() as client:
+                client.script_load(FETCH)
+            self._script_loaded = True
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        self._fetch_sent = True
+        self.client.connection.send_command(
+            "EVALSHA", _FETCH_SHA, len(keys) + 2,
+            self.unacked_index_key, self.unacked_key, *keys, time(),
+        )  # fmt: skip
+
+    def _brpop_read(self, **options: Any) -> bool:
+        if not self._fetch_sent:
+            delivered = super()._brpop_read(**options)  # raises Empty on a timeout
+            self._try_fetch = True  # the queues had a message: fetch atomically again
+            return delivered
+        self._fetch_sent = False
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, "EVALSHA")
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            except redis_py.ResponseError as exc:
+                # The script is gone (a restarted Redis) or refused (e.g. a full Redis
+                # without eviction): BRPOP takes this message, the next fetch loads it.
+                self._try_fetch = False
+                self._script_loaded = not isinstance(exc, redis_py.exceptions.NoScriptError)
+                raise Empty() from None
+            if not reply:
+                self._try_fetch = False  # every list empty: wait with BRPOP
+                raise Empty()
+            dest, item = reply
+            message = loads(bytes_to_str(item))
+            tag = message.get("properties", {}).get("delivery_tag")
+            if isinstance(tag, str):
+                self._fetched[tag] = monotonic()
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            self.connection._deliver(message, dest)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
+def install_transport() -> None:
+    """Serve ``redis://`` and ``rediss://`` connections made from now on with
+    ``Transport`` (kombu's registry of transport names; idempotent)."""
+    for scheme in ("redis", "rediss"):
+        kombu_transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+        kombu_transport._transport_cache.pop(scheme, None)
