@@ -105,6 +105,9 @@ class Channel(kombu_redis.Channel):
     def _brpop_start(self, timeout: float | None = None) -> None:
         keys = self._fetch_keys()
         if keys is None:
+            # Also after a FETCH whose reply a reconnect dropped: a BRPOP reply has the
+            # same shape, and must not be taken for one already recorded as unacked.
+            self._fetch_sent = False
             return super()._brpop_start(timeout)
         if not self._script_loaded:
             with self.conn_or_acquire() as client:
