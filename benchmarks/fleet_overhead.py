@@ -48,11 +48,9 @@ STAT = {
 
 
 def queue_keys(queue: str, priorities: bool) -> list[str]:
-    from producer.transport import REDIS_PRIORITY_SEP, REDIS_PRIORITY_STEPS
+    from producer.transport import redis_queue_keys
 
-    if not priorities:
-        return [queue]
-    return [queue] + [f"{queue}{REDIS_PRIORITY_SEP}{p}" for p in REDIS_PRIORITY_STEPS[1:]]
+    return redis_queue_keys(queue) if priorities else [queue]
 
 
 def drained(r: object, keys: list[str]) -> bool:

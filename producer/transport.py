@@ -19,6 +19,7 @@ __all__ = [
     "celery_conf",
     "kwargs_repr",
     "redis_priority",
+    "redis_queue_keys",
 ]
 
 # Redis has no native priorities: kombu keeps one list per step and, by default, serves
@@ -30,6 +31,11 @@ REDIS_PRIORITY_SEP = "\x06\x16"
 
 def redis_priority(priority: int) -> int:
     return 9 - priority
+
+
+def redis_queue_keys(queue: str) -> list[str]:
+    """The Redis lists holding ``queue``'s messages, one per priority step."""
+    return [queue] + [f"{queue}{REDIS_PRIORITY_SEP}{s}" for s in REDIS_PRIORITY_STEPS if s]
 
 
 def kwargs_repr(primitive: str, action_id: str, tenant_id: str) -> str:

@@ -103,10 +103,11 @@ def event_lines(worker: Worker, action_id: str, stage: str) -> list[dict[str, An
 def whereabouts(client: Any, task_id: str, queue: str = "actions.code") -> dict[str, Any]:
     """Where a task's message is now, for a failure message: in a queue list, in kombu's
     unacked hash (delivered, not acknowledged), and whether a result is stored."""
-    from producer.transport import REDIS_PRIORITY_SEP, REDIS_PRIORITY_STEPS
+    from producer.transport import redis_queue_keys
 
-    lists = [queue] + [f"{queue}{REDIS_PRIORITY_SEP}{s}" for s in REDIS_PRIORITY_STEPS[1:]]
-    queued = [k for k in lists for m in client.lrange(k, 0, -1) if task_id.encode() in m]
+    queued = [
+        k for k in redis_queue_keys(queue) for m in client.lrange(k, 0, -1) if task_id.encode() in m
+    ]
     unacked = [t for t, m in client.hscan_iter("unacked") if task_id.encode() in m]
     return {
         "queued_in": queued,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Producer, Queue
 
-from producer.transport import REDIS_PRIORITY_STEPS
+from producer.transport import REDIS_PRIORITY_STEPS, redis_queue_keys
 from tests.conftest import RedisServer
 
 DB = 15
@@ -59,8 +60,7 @@ def _consume(conn: Connection, received: list[Any]) -> Any:
 
 
 def _queued(client: redis.Redis) -> list[bytes]:
-    keys = client.keys(f"{QUEUE}*")
-    return [m for k in keys for m in client.lrange(k, 0, -1)]
+    return [m for k in redis_queue_keys(QUEUE) for m in client.lrange(k, 0, -1)]
 
 
 def _start_fetch_and_die(url: str, transport: str | None) -> None:
@@ -79,8 +79,6 @@ def _start_fetch_and_die(url: str, transport: str | None) -> None:
 
 
 def _readable(sock: socket.socket) -> bool:
-    import select
-
     return bool(select.select([sock], [], [], 0)[0])
 
 

@@ -26,7 +26,7 @@ from producer.config import Settings
 from producer.errors import FleetUnavailable
 from producer.models import queue_for
 from producer.procs import pid_alive
-from producer.transport import REDIS_PRIORITY_SEP, REDIS_PRIORITY_STEPS
+from producer.transport import redis_queue_keys
 
 __all__ = [
     "Fleet",
@@ -95,7 +95,7 @@ def queue_depths(redis_client: Any, primitives: list[str]) -> dict[str, int]:
     depths: dict[str, int] = {}
     for p in primitives:
         q = queue_for(p)
-        keys = [q] + [f"{q}{REDIS_PRIORITY_SEP}{step}" for step in REDIS_PRIORITY_STEPS if step]
+        keys = redis_queue_keys(q)
         with redis_client.pipeline() as pipe:
             for key in keys:
                 pipe.llen(key)

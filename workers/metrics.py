@@ -40,7 +40,7 @@ from prometheus_client.registry import Collector
 
 from audit.config import DEAD_STREAM, GROUP
 from producer.models import PRIMITIVES, queue_for
-from producer.transport import REDIS_PRIORITY_SEP, REDIS_PRIORITY_STEPS
+from producer.transport import REDIS_PRIORITY_SEP, redis_queue_keys
 from workers.deadletter import INDEX as DEAD_LETTER_INDEX
 
 __all__ = [
@@ -65,10 +65,6 @@ REDIS_TIMEOUT_S = 2.0
 def record_rate_limit_deferral(client: redis.Redis, primitive: str, n: int = 1) -> None:
     """Count an action deferred by a rate limit (called by the rate limiter)."""
     client.hincrby(RATE_LIMIT_DEFERRALS_KEY, primitive, n)
-
-
-def _priority_keys(queue: str) -> list[str]:
-    return [queue] + [f"{queue}{REDIS_PRIORITY_SEP}{s}" for s in REDIS_PRIORITY_STEPS if s]
 
 
 def _unacked_per_queue(client: redis.Redis, queues: set[str]) -> dict[str, int]:
@@ -113,14 +109,14 @@ class FleetCollector(Collector):
         queues = {p: queue_for(p) for p in self.primitives}
         with c.pipeline(transaction=False) as pipe:
             for q in queues.values():
-                for key in _priority_keys(q):
+                for key in redis_queue_keys(q):
                     pipe.llen(key)
             pipe.xlen(self.audit_stream)
             pipe.xlen(self.dead_stream)
             pipe.hgetall(RATE_LIMIT_DEFERRALS_KEY)
             pipe.zcard(DEAD_LETTER_INDEX)
             replies = pipe.execute()
-        steps = len(_priority_keys("x"))
+        steps = len(redis_queue_keys("x"))
         depth = {
             q: sum(replies[i * steps : (i + 1) * steps]) for i, q in enumerate(queues.values())
         }
