@@ -24,6 +24,7 @@ pytest_plugins = [
     "tests.tripwire",
     "tests.reliability_fixtures",
     "tests.browse_fixtures",
+    "tests.api_fixtures",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent

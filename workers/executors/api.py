@@ -10,15 +10,12 @@ with a decoded-size cap -> output with allowlisted headers, secrets scrubbed eve
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import random
 import ssl
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
 import httpx
@@ -34,72 +31,31 @@ from producer.errors import (
 )
 from producer.models import Action, ApiAction, ApiPayload
 from workers.egress import EgressGuard, Resolver
+from workers.executors.api_http import (
+    CREDENTIAL_HEADERS,
+    IDEMPOTENCY_HEADER,
+    RESPONSE_HEADERS,
+    checked_headers,
+    decode_body,
+    header_get,
+    header_pop,
+    idempotency_header_value,
+    inject_secret,
+    port_of,
+    retry_after_s,
+    scrubbed_error,
+)
 from workers.http import ACCEPT_ENCODING, Body, GuardedTransport, read_capped
 from workers.middleware import ActionContext
 from workers.policy import ApiPolicy, Grant
 from workers.secrets import ChainSecretStore, Secret
 
+# idempotency_header_value is re-exported: callers and tests import it from here.
 __all__ = ["ApiExecutor", "idempotency_header_value"]
 
-RESPONSE_HEADERS = (
-    "content-type",
-    "content-length",
-    "content-encoding",
-    "location",
-    "retry-after",
-    "etag",
-    "last-modified",
-    "date",
-    "cache-control",
-    "link",
-    "x-request-id",
-    "x-ratelimit-limit",
-    "x-ratelimit-remaining",
-    "x-ratelimit-reset",
-)
-# Headers the worker owns: framing, routing and encoding are not the agent's to set.
-FORBIDDEN_REQUEST_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "upgrade",
-        "te",
-        "trailer",
-        "accept-encoding",
-        "proxy-authorization",
-        "proxy-connection",
-    }
-)
-# Dropped from the agent's own headers when a redirect leaves the original origin.
-CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_BACKOFF_S = 10.0
-
-
-def idempotency_header_value(tenant_id: str, idempotency_key: str) -> str:
-    """Derived, tenant-scoped, and not the agent's raw key (which may carry meaning)."""
-    digest = hashlib.sha256(f"{tenant_id}\0{idempotency_key}".encode()).hexdigest()
-    return f"af-{digest[:40]}"
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 @dataclass(slots=True)
@@ -155,7 +111,7 @@ class ApiExecutor:
             ) as client:
                 return self._run(client, plan)
         except ActionError as exc:
-            raise _scrubbed(exc, Scrubber(registered)) from None
+            raise scrubbed_error(exc, Scrubber(registered)) from None
 
     # -- planning ----------------------------------------------------------------------
 
@@ -190,10 +146,10 @@ class ApiExecutor:
                 )
             if p.auth.scheme == "header" and p.auth.name:
                 try:  # the same name rules as the agent's own headers
-                    _headers({p.auth.name: ""})
+                    checked_headers({p.auth.name: ""})
                 except ValidationError_ as exc:
                     raise ValidationError_(exc.message, field="payload.auth.name") from None
-        headers = _headers(p.headers)
+        headers = checked_headers(p.headers)
         try:
             url = httpx.URL(p.url)
             if p.query:
@@ -203,9 +159,9 @@ class ApiExecutor:
             raise ValidationError_(
                 f"payload.url is not a valid URL: {exc}", field="payload.url"
             ) from None
-        if secret is not None and not secret.allows(url.scheme, url.host, _port(url)):
+        if secret is not None and not secret.allows(url.scheme, url.host, port_of(url)):
             raise PolicyDenied(
-                f"secret {secret.name!r} is not bound to {url.scheme}://{url.host}:{_port(url)}; "
+                f"secret {secret.name!r} is not bound to {url.scheme}://{url.host}:{port_of(url)}; "
                 "use a URL on a host the secret is bound to, or ask the operator to bind it",
                 field="payload.auth.secret",
                 host=url.host,
@@ -213,14 +169,14 @@ class ApiExecutor:
 
         method = p.method
         if method in ("POST", "PATCH"):
-            key = _header_get(headers, IDEMPOTENCY_HEADER)
+            key = header_get(headers, IDEMPOTENCY_HEADER)
             if key == "":  # an explicit empty value: the agent opts out for this action
-                _header_pop(headers, IDEMPOTENCY_HEADER)
+                header_pop(headers, IDEMPOTENCY_HEADER)
             elif key is None and pol.send_idempotency_key:
                 headers[IDEMPOTENCY_HEADER] = idempotency_header_value(
                     action.tenant_id, action.idempotency_key or action.action_id
                 )
-        safe = method in SAFE_METHODS or bool(_header_get(headers, IDEMPOTENCY_HEADER))
+        safe = method in SAFE_METHODS or bool(header_get(headers, IDEMPOTENCY_HEADER))
 
         content: bytes | None = None
         if p.json_ is not None and p.body is not None:
@@ -318,10 +274,10 @@ class ApiExecutor:
         content: bytes | None,
     ) -> httpx.Request:
         headers = dict(plan.headers)
-        if (url.scheme, url.host, _port(url)) != (
+        if (url.scheme, url.host, port_of(url)) != (
             plan.url.scheme,
             plan.url.host,
-            _port(plan.url),
+            port_of(plan.url),
         ):
             # Like browsers: the agent's own credentials do not follow a cross-origin hop.
             for name in list(headers):
@@ -334,8 +290,8 @@ class ApiExecutor:
         headers["Accept-Encoding"] = ACCEPT_ENCODING
         secret = plan.secret
         if secret is not None:
-            if secret.allows(url.scheme, url.host, _port(url)):
-                url = _inject(plan, headers, url, secret)
+            if secret.allows(url.scheme, url.host, port_of(url)):
+                url = inject_secret(headers, url, secret, plan.scheme, plan.name)
             else:
                 plan.auth_stripped = True  # the binding does not cover this hop: send none
         timeout = max(0.001, plan.deadline - time.monotonic())
@@ -398,7 +354,7 @@ class ApiExecutor:
         status = response.status_code
         if status not in RETRY_STATUSES and status < 500:
             return
-        wait = _retry_after(response.headers.get("retry-after"))
+        wait = retry_after_s(response.headers.get("retry-after"))
         output = self._output(plan, response, body, 0, time.monotonic(), 0.0)
         output.pop("attempts", None)
         if status == 429:
@@ -442,7 +398,7 @@ class ApiExecutor:
         headers = {
             k: plan.scrub(response.headers[k]) for k in RESPONSE_HEADERS if k in response.headers
         }
-        data, fmt = _decode_body(body.data, response.headers.get("content-type", ""), plan.scrub)
+        data, fmt = decode_body(body.data, response.headers.get("content-type", ""), plan.scrub)
         return {
             "status": response.status_code,
             "ok": response.is_success,
@@ -463,85 +419,3 @@ class ApiExecutor:
 
     def close(self) -> None:
         pass
-
-
-# -------------------------------------------------------------------------- helpers
-
-
-def _port(url: httpx.URL) -> int:
-    return url.port or {"http": 80, "https": 443}.get(url.scheme, 0)
-
-
-def _header_get(headers: dict[str, str], name: str) -> str | None:
-    for k, v in headers.items():
-        if k.lower() == name.lower():
-            return v
-    return None
-
-
-def _header_pop(headers: dict[str, str], name: str) -> None:
-    for k in [k for k in headers if k.lower() == name.lower()]:
-        del headers[k]
-
-
-def _headers(given: dict[str, str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in given.items():
-        if not name or any(c in name for c in "\r\n:\0 ") or any(c in value for c in "\r\n\0"):
-            raise ValidationError_(
-                f"header {name!r} has a forbidden character (CR, LF, NUL, or ':'/space in "
-                "the name); remove it",
-                field=f"payload.headers.{name}",
-            )
-        if name.lower() in FORBIDDEN_REQUEST_HEADERS:
-            raise ValidationError_(
-                f"header {name!r} is set by the worker and cannot be chosen by the action; "
-                "remove it",
-                field=f"payload.headers.{name}",
-            )
-        out[name] = value
-    return out
-
-
-def _inject(plan: _Plan, headers: dict[str, str], url: httpx.URL, secret: Secret) -> httpx.URL:
-    if plan.scheme == "bearer":
-        headers["Authorization"] = f"Bearer {secret.value}"
-    elif plan.scheme == "basic":
-        token = base64.b64encode(secret.value.encode()).decode()
-        headers["Authorization"] = f"Basic {token}"
-    elif plan.scheme == "header":
-        assert plan.name
-        headers[plan.name] = secret.value
-    else:
-        assert plan.name
-        url = url.copy_merge_params({plan.name: secret.value})
-    return url
-
-
-def _decode_body(data: bytes, content_type: str, scrub: Scrubber) -> tuple[Any, str]:
-    ctype = content_type.split(";", 1)[0].strip().lower()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        if ctype.startswith("text/"):
-            return scrub(data.decode("utf-8", errors="replace")), "text"
-        return base64.b64encode(data).decode(), "base64"
-    text = scrub(text)
-    if ctype == "application/json" or ctype.endswith("+json"):
-        try:
-            return json.loads(text), "json"
-        except ValueError:
-            pass
-    return text, "text"
-
-
-def _scrubbed(exc: ActionError, scrub: Scrubber) -> ActionError:
-    """The same error with every secret value removed from its message, details, output."""
-    if not scrub:
-        return exc
-    exc.message = scrub(exc.message)
-    exc.args = (exc.message,)
-    exc.details = json.loads(scrub(json.dumps(exc.details, default=str)))
-    if exc.output is not None:
-        exc.output = json.loads(scrub(json.dumps(exc.output, default=str)))
-    return exc
