@@ -23,70 +23,39 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import logging
 import os
 import queue
-import re
 import socket
 import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from audit.config import DEAD_STREAM, GROUP, STREAM
 from audit.events import validate
-from audit.schema import DATABASE, RESULTS_SELECT
+from audit.ingest_batch import (
+    Entry,
+    Line,
+    Stats,
+    StoreDown,
+    batch_token,
+    entry_lines,
+    event_count,
+    event_id,
+    shape_problem,
+)
+from audit.ingest_stream import GroupConsumer
+from audit.ingest_write import EVENTS_TABLE as EVENTS_TABLE  # re-exported: its old home
+from audit.ingest_write import already_stored, insert_rows, repair_results
 from audit.store import connect, endpoint_file, migrate
-from producer.procs import pid_alive
 
 __all__ = ["Ingester", "main"]
 
 log = logging.getLogger(__name__)
-
-Entry = tuple[bytes, dict[bytes, bytes]]  # (stream id, fields); fields[b"e"]: rows, one a line
-Line = tuple[bytes, int, bytes]  # (stream id, line number in the entry, one row)
-EVENTS_TABLE = f"{DATABASE}.audit_events"
-
-# ClickHouse error codes that mean "this data is bad", not "the store is unwell".
-_DATA_ERRORS = {6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 321, 376, 407, 457, 467, 469}
-_CODE = re.compile(r"Code: (\d+)")
-
-
-def _error_code(exc: BaseException) -> int | None:
-    m = _CODE.search(str(exc))
-    return int(m.group(1)) if m else None
-
-
-def _event_id(blob: bytes) -> str:
-    row, _ = validate(blob)
-    return str(uuid.UUID(row["event_id"])) if row else ""
-
-
-def batch_token(ids: list[bytes]) -> str:
-    """Same entries, same token: what lets ClickHouse drop a retried insert."""
-    h = hashlib.blake2b(b",".join(ids), digest_size=16).hexdigest()
-    return f"audit:{ids[0].decode()}:{len(ids)}:{h}"
-
-
-@dataclass
-class Stats:
-    inserted: int = 0
-    batches: int = 0
-    dead_lettered: int = 0
-    recovered: int = 0
-    skipped_duplicates: int = 0
-    store_errors: int = 0
-    last_error: str = ""
-    started: float = field(default_factory=time.time)
-
-
-class StoreDown(Exception):
-    pass
 
 
 class Ingester:
@@ -120,7 +89,8 @@ class Ingester:
         # Fault injection for tests: a window between INSERT and XACK to kill us in.
         self.pause_after_insert_s = pause_after_insert_s
         self.stats = Stats()
-        self.redis = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=3)
+        self.redis = self._redis_client()
+        self.group_consumer = self._group_consumer(self.redis)
         self.client: Any = None
         self.query_server: Any = None
         self._buf: list[Entry] = []
@@ -129,12 +99,23 @@ class Ingester:
         self._per_entry = 10.0  # recent events per stream entry (adapts after a read)
         self._stuck: list[Entry] = []  # a batch the store refused for now; retried first
         self._stuck_recovered = False
-        self._unacked: list[bytes] = []  # inserted but XACK failed (Redis blip)
-        self._group_ready = False
         self._next_claim = 0.0
         self._backoff = 0.0
         self._stopping = False
         self._prefetch: queue.Queue[list[Entry]] | None = None  # read-ahead (run_forever)
+
+    def _redis_client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url, socket_timeout=10, socket_connect_timeout=3)
+
+    def _group_consumer(self, client: redis.Redis) -> GroupConsumer:
+        return GroupConsumer(
+            client,
+            stream=self.stream,
+            group=self.group,
+            dead_stream=self.dead_stream,
+            consumer=self.consumer,
+            host=self.host,
+        )
 
     # -- store -------------------------------------------------------------------------
 
@@ -167,161 +148,20 @@ class Ingester:
                 self.client.close()
             self.client = None
 
-    def _insert(self, blobs: list[bytes], token: str) -> None:
-        """INSERT one block of JSONEachRow lines; raises StoreDown, or ValueError for bad data."""
-        try:
-            self.client.raw_insert(
-                EVENTS_TABLE,
-                insert_block=b"\n".join(blobs),
-                fmt="JSONEachRow",
-                settings={
-                    "insert_deduplication_token": token,
-                    "input_format_skip_unknown_fields": 1,  # newer emitters, older schema
-                    "deduplicate_blocks_in_dependent_materialized_views": 1,
-                },
-            )
-        except Exception as exc:
-            if _error_code(exc) in _DATA_ERRORS:
-                raise ValueError(str(exc)[:1000]) from exc
-            raise StoreDown(str(exc)) from exc
-
-    # -- redis -------------------------------------------------------------------------
-
-    def _ensure_group(self) -> None:
-        if self._group_ready:
-            return
-        try:
-            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._group_ready = True
-
-    def _ack(self, ids: list[bytes]) -> None:
-        if not ids:
-            return
-        try:
-            with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xack(self.stream, self.group, *ids)
-                pipe.xdel(self.stream, *ids)
-                pipe.execute()
-        except redis.RedisError:
-            self._unacked.extend(ids)  # inserted already; ack when Redis is back
-            raise
-
-    def _dead_letter(self, entries: list[tuple[Entry, str]], lines: list[tuple[Line, str]]) -> None:
-        """Park bad entries (whole, acknowledged here) and bad lines (their entry is
-        acknowledged by the caller once its good lines are stored) with the reason."""
-        if not entries and not lines:
-            return
-        with self.redis.pipeline(transaction=True) as pipe:
-            for (entry_id, fields), reason in entries:
-                record: dict[bytes | str, bytes | str] = {
-                    "reason": reason[:2000],
-                    "entry_id": entry_id,
-                    "stream": self.stream,
-                    "consumer": self.consumer,
-                }
-                for k, v in fields.items():
-                    record[b"field:" + k] = v
-                pipe.xadd(self.dead_stream, record)
-            for (entry_id, line_no, blob), reason in lines:
-                pipe.xadd(
-                    self.dead_stream,
-                    {
-                        "reason": reason[:2000],
-                        "entry_id": entry_id,
-                        "line": line_no,
-                        "stream": self.stream,
-                        "consumer": self.consumer,
-                        "payload": blob,
-                    },
-                )
-            if entries:
-                ids = [e[0][0] for e in entries]
-                pipe.xack(self.stream, self.group, *ids)
-                pipe.xdel(self.stream, *ids)
-            pipe.execute()
-        self.stats.dead_lettered += len(entries) + len(lines)
-        for (entry_id, _), reason in entries:
-            log.warning("audit entry %s dead-lettered: %s", entry_id.decode(), reason[:200])
-        for (entry_id, line_no, _), reason in lines:
-            log.warning(
-                "audit event %s#%d dead-lettered: %s", entry_id.decode(), line_no, reason[:200]
-            )
-
     # -- one batch ---------------------------------------------------------------------
 
-    @staticmethod
-    def _shape_problem(fields: dict[bytes, bytes]) -> str:
-        blob = fields.get(b"e")
-        if blob is None:
-            return (
-                f"no 'e' field (fields: {sorted(k.decode('utf-8', 'replace') for k in fields)[:5]})"
-            )
-        if not (blob.startswith(b"{") and blob.endswith(b"}")):
-            return "payload is not JSON objects, one per line"
-        return ""
+    def _insert(self, blobs: list[bytes], token: str) -> None:
+        insert_rows(self.client, blobs, token)
 
-    @staticmethod
-    def _lines(entries: list[Entry]) -> list[Line]:
-        return [
-            (entry_id, n, line)
-            for entry_id, fields in entries
-            for n, line in enumerate(fields[b"e"].split(b"\n"))
-        ]
-
-    def _already_stored(self, lines: list[Line]) -> set[str]:
-        """event_ids already in the store, among ``lines`` (recovered entries only)."""
-        wanted: set[str] = set()
-        times: list[str] = []
-        for _, _, blob in lines:
-            row, _ = validate(blob)
-            if row is not None:
-                wanted.add(str(uuid.UUID(row["event_id"])))
-                times.append(row["event_time"])
-        if not wanted:
-            return set()
-        ids = ",".join(f"'{e}'" for e in wanted)  # validated UUIDs: safe to inline
-        rows = self.client.query(
-            f"SELECT toString(event_id) FROM {EVENTS_TABLE} WHERE event_id IN ({ids}) "
-            f"AND event_time BETWEEN '{min(times)}' AND '{max(times)}'"
-        ).result_rows
-        return {r[0] for r in rows}
-
-    def _repair_results(self, event_ids: set[str]) -> None:
-        """A kill between the two tables' writes of one INSERT leaves a finished event
-        without its ``action_results`` row: add the missing ones from ``audit_events``."""
-        ids = ",".join(f"'{e}'" for e in sorted(event_ids))  # validated UUIDs
-        try:
-            missing = [
-                r[0]
-                for r in self.client.query(
-                    f"SELECT toString(event_id) FROM {EVENTS_TABLE} WHERE stage = 'finished' "
-                    f"AND event_id IN ({ids}) AND event_id NOT IN (SELECT event_id FROM "
-                    f"{DATABASE}.action_results WHERE event_id IN ({ids}))"
-                ).result_rows
-            ]
-            if missing:
-                wanted = ",".join(f"'{e}'" for e in missing)
-                self.client.command(
-                    f"INSERT INTO {DATABASE}.action_results {RESULTS_SELECT} "
-                    f"AND event_id IN ({wanted})",
-                    settings={
-                        "insert_deduplication_token": "repair:"
-                        + batch_token([m.encode() for m in missing])
-                    },
-                )
-                log.warning("repaired %d missing action_results rows", len(missing))
-        except Exception as exc:
-            raise StoreDown(str(exc)) from exc
+    def _dead_letter(self, entries: list[tuple[Entry, str]], lines: list[tuple[Line, str]]) -> None:
+        self.stats.dead_lettered += self.group_consumer.dead_letter(entries, lines)
 
     def _process(self, entries: list[Entry], recovered: bool = False) -> None:
         """Insert, dead-letter and acknowledge ``entries``. Raises StoreDown."""
         bad: list[tuple[Entry, str]] = []
         good: list[Entry] = []
         for entry in entries:
-            problem = self._shape_problem(entry[1])
+            problem = shape_problem(entry[1])
             (bad.append((entry, problem)) if problem else good.append(entry))
         self._dead_letter(bad, [])
         if not good:
@@ -329,27 +169,27 @@ class Ingester:
         ids = [e[0] for e in good]
         token = batch_token(ids)
         if recovered:
-            lines = self._lines(good)
+            lines = entry_lines(good)
             try:
-                stored = self._already_stored(lines)
+                stored = already_stored(self.client, lines)
             except Exception as exc:
                 raise StoreDown(str(exc)) from exc
             if stored:
                 before = len(lines)
-                lines = [ln for ln in lines if _event_id(ln[2]) not in stored]
+                lines = [ln for ln in lines if event_id(ln[2]) not in stored]
                 self.stats.skipped_duplicates += before - len(lines)
-                self._repair_results(stored)
+                repair_results(self.client, stored)
             inserted = self._insert_lines(lines, token + ":r") if lines else 0
         else:
             try:  # fast path: the payloads are the rows
                 self._insert([e[1][b"e"] for e in good], token)
-                inserted = sum(e[1][b"e"].count(b"\n") + 1 for e in good)
+                inserted = sum(event_count(e[1]) for e in good)
             except ValueError:
-                inserted = self._insert_lines(self._lines(good), token + ":v")
+                inserted = self._insert_lines(entry_lines(good), token + ":v")
         if self.pause_after_insert_s:
             log.warning("fault injection: pausing %.1fs before XACK", self.pause_after_insert_s)
             time.sleep(self.pause_after_insert_s)
-        self._ack(ids)
+        self.group_consumer.ack(ids)
         self.stats.inserted += inserted
         self.stats.batches += 1
 
@@ -375,60 +215,6 @@ class Ingester:
             lines[mid:], f"{token}/{mid}b"
         )
 
-    # -- recovery ----------------------------------------------------------------------
-
-    def _dead_consumers(self) -> list[str]:
-        dead = []
-        for c in self.redis.xinfo_consumers(self.stream, self.group):
-            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
-            if name == self.consumer:
-                continue
-            host, _, rest = name.partition(":")
-            pid = rest.partition(":")[0]
-            if host == self.host and pid.isdigit() and not pid_alive(int(pid)):
-                if c.get("pending", 0):
-                    dead.append(name)
-                else:  # nothing left: tidy XINFO
-                    self.redis.xgroup_delconsumer(self.stream, self.group, name)
-        return dead
-
-    def _claim(self) -> list[Entry]:
-        """Entries of dead consumers: at once for provably dead local ones, else by idle."""
-        claimed: list[Entry] = []
-        for name in self._dead_consumers():
-            pending = self.redis.xpending_range(
-                self.stream, self.group, "-", "+", self.batch_size, consumername=name
-            )
-            ids = [p["message_id"] for p in pending]
-            if ids:
-                got = self.redis.xclaim(self.stream, self.group, self.consumer, 0, ids)
-                claimed += [(i, f) for i, f in got if f is not None]
-                deleted = [i for i, f in got if f is None]
-                if deleted:  # entry gone from the stream: nothing to insert, just ack
-                    self.redis.xack(self.stream, self.group, *deleted)
-            if len(claimed) >= self.batch_size:
-                return claimed
-        res = self.redis.xautoclaim(
-            self.stream,
-            self.group,
-            self.consumer,
-            int(self.claim_idle_s * 1000),
-            "0-0",
-            count=max(1, self.batch_size - len(claimed)),
-        )
-        entries = res[1] if len(res) > 1 else []
-        claimed += [(i, f) for i, f in entries if f]
-        if len(res) > 2 and res[2]:
-            self.redis.xack(self.stream, self.group, *res[2])
-        return claimed
-
-    def _heartbeat(self) -> None:
-        """Keep our own pending entries fresh while the store is down (idle resets)."""
-        ids = [e[0] for e in self._stuck]
-        if ids:
-            with contextlib.suppress(redis.RedisError):
-                self.redis.xclaim(self.stream, self.group, self.consumer, 0, ids, justid=True)
-
     # -- the loop ----------------------------------------------------------------------
 
     def run_once(self) -> int:
@@ -440,7 +226,7 @@ class Ingester:
             self._backoff = 0.0
         except StoreDown as exc:
             self._store_failed(exc)
-            self._heartbeat()
+            self.group_consumer.heartbeat([e[0] for e in self._stuck])
         except redis.RedisError as exc:
             self.stats.last_error = f"redis: {exc}"
             log.warning("audit stream unavailable: %s", exc)
@@ -452,10 +238,8 @@ class Ingester:
     def _step(self) -> None:
         if not self._ensure_store():
             raise StoreDown(self.stats.last_error)
-        self._ensure_group()
-        if self._unacked:
-            ids, self._unacked = self._unacked, []
-            self._ack(ids)
+        self.group_consumer.ensure_group()
+        self.group_consumer.ack_unacked()
         if self._stuck:
             entries, recovered = self._stuck, self._stuck_recovered
             self._stuck = []
@@ -463,7 +247,7 @@ class Ingester:
         now = time.monotonic()
         if now >= self._next_claim:
             self._next_claim = now + max(1.0, min(self.claim_idle_s / 2, 30.0))
-            claimed = self._claim()
+            claimed = self.group_consumer.claim(self.batch_size, self.claim_idle_s)
             if claimed:
                 self.stats.recovered += len(claimed)
                 log.info("claimed %d entries left pending by other ingesters", len(claimed))
@@ -496,7 +280,7 @@ class Ingester:
         if not self._buf:
             self._buf_since = time.monotonic()
         self._buf.extend(entries)
-        events = sum(f.get(b"e", b"").count(b"\n") + 1 for _, f in entries)
+        events = sum(event_count(f) for _, f in entries)
         self._buf_events += events
         self._per_entry = 0.7 * self._per_entry + 0.3 * (events / len(entries))
 
@@ -511,42 +295,33 @@ class Ingester:
                 while self._buf_events < self.batch_size:
                     self._add(self._prefetch.get_nowait())
             return
-        res = self.redis.xreadgroup(
-            self.group,
-            self.consumer,
-            {self.stream: ">"},
-            count=self._read_count(),
-            block=int(wait * 1000),
-        )
-        if res:
-            self._add(res[0][1])
+        self._add(self.group_consumer.read(self._read_count(), int(wait * 1000)))
 
     def _prefetch_loop(self, q: queue.Queue[list[Entry]]) -> None:
         """Reads the next entries while the main thread inserts (chDB and the socket both
         release the GIL, so parsing overlaps the insert). Reads only while the store is up,
         so a backlog stays unread in the stream instead of pending in this process."""
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=10, socket_connect_timeout=3)
+        reader = self._group_consumer(self._redis_client())  # its own connection
         try:
             while not self._stopping:
-                if self.client is None or not self._group_ready or self._stuck or q.full():
+                if (
+                    self.client is None
+                    or not self.group_consumer.group_ready
+                    or self._stuck
+                    or q.full()
+                ):
                     time.sleep(0.01)
                     continue
                 try:
-                    res = client.xreadgroup(
-                        self.group,
-                        self.consumer,
-                        {self.stream: ">"},
-                        count=self._read_count(),
-                        block=200,
-                    )
+                    entries = reader.read(self._read_count(), 200)
                 except redis.RedisError as exc:
                     log.warning("audit stream read failed: %s", exc)
                     time.sleep(0.5)
                     continue
-                if res and res[0][1]:
-                    q.put(res[0][1])
+                if entries:
+                    q.put(entries)
         finally:
-            client.close()
+            reader.redis.close()
 
     def run_forever(self) -> None:
         log.info("ingester %s: %s -> %s", self.consumer, self.stream, self.dsn)
@@ -585,12 +360,7 @@ class Ingester:
 
     def lag(self) -> dict[str, int]:
         """Stream length and this group's pending count (what still waits)."""
-        length = int(self.redis.xlen(self.stream))
-        try:
-            pending = int(self.redis.xpending(self.stream, self.group)["pending"])
-        except redis.ResponseError:
-            pending = 0
-        return {"stream_length": length, "pending": pending}
+        return self.group_consumer.lag()
 
 
 # ------------------------------------------------------------------------- entry point

@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from audit.config import DEAD_STREAM, GROUP, STREAM
 from audit.emitter import AuditMiddleware
+from audit.ingester import Ingester
+from audit.store import RemoteReader
 from producer.errors import ActionTimeout, ResourceExhausted
 from tests.conftest import TEST_POLICY, RedisServer, start_redis
 from tests.services import require
@@ -36,12 +39,22 @@ ROOT = Path(__file__).resolve().parent.parent
 __all__ = [
     "ROOT",
     "SECRETS",
+    "STREAM_KEYS",
     "IngesterProcess",
     "ScriptedExecutor",
     "action",
     "chdb_available",
+    "drain",
+    "emit_actions",
+    "endpoint",
     "make_pipeline",
+    "need_chdb",
+    "redis_for_test",
+    "remote",
     "run_action",
+    "scalar",
+    "stream_events",
+    "wait_for",
 ]
 
 
@@ -51,6 +64,12 @@ def chdb_available() -> None:
         import clickhouse_connect  # noqa: F401
     except ImportError:
         require(False, "chdb + clickhouse-connect (pip install actionfleet[audit])")
+
+
+@pytest.fixture
+def need_chdb() -> None:
+    """Every audit test module uses this: skip (locally) or fail (CI) without chDB."""
+    chdb_available()
 
 
 SECRETS = {"github": "ghp_S3cr3tValue-that-must-never-be-stored"}
@@ -198,3 +217,50 @@ def endpoint(dsn_path: Path) -> dict[str, Any] | None:
 
 
 STREAM_KEYS = {"stream": STREAM, "group": GROUP, "dead": DEAD_STREAM}
+
+
+# ---------------------------------------------------------------- shared by the test modules
+
+
+def emit_actions(redis_url: str, spool: Path, n: int, tenant: str = "acme") -> list[str]:
+    """Runs ``n`` actions (every 7th fails) through the real pipeline; their action ids."""
+    mw = AuditMiddleware(redis_url, spool_dir=spool)
+    pipeline = make_pipeline(mw)
+    ids = []
+    for i in range(n):
+        raw = action("fail" if i % 7 == 0 else f"print({i})", tenant=tenant)
+        run_action(pipeline, raw)
+        ids.append(raw["action_id"])
+    assert mw.flush(30)
+    mw.close()
+    return ids
+
+
+def drain(ingester: Ingester, timeout: float = 30) -> None:
+    """Step an in-process ingester until the stream is empty."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ingester.run_once()
+        if ingester.lag() == {"stream_length": 0, "pending": 0} and not ingester._buf:
+            return
+    pytest.fail(f"stream not drained: {ingester.lag()} {ingester.stats}")
+
+
+def remote(store: Path, ingester: IngesterProcess) -> RemoteReader:
+    """The query endpoint of that ingester process (not a stale file of a killed one)."""
+
+    def current() -> dict[str, Any] | None:
+        info = endpoint(store)
+        return info if info and info["pid"] == ingester.proc.pid else None
+
+    info = wait_for(current, 60, "the ingester's query endpoint")
+    return RemoteReader(info["url"], info["token"])
+
+
+def stream_events(r: redis.Redis) -> int:
+    """Events waiting in the stream (an entry packs one or more, one per line)."""
+    return sum(f[b"e"].count(b"\n") + 1 for _, f in r.xrange(STREAM) if b"e" in f)
+
+
+def scalar(reader: Any, sql: str) -> Any:
+    return reader.query(sql).rows[0][0]

@@ -25,6 +25,7 @@ pytest_plugins = [
     "tests.reliability_fixtures",
     "tests.browse_fixtures",
     "tests.api_fixtures",
+    "tests.audit_fixtures",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
