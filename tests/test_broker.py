@@ -172,3 +172,32 @@ def test_a_restarted_redis_without_the_script(url: str, redis_server: RedisServe
         for m in received[1:]:
             m.ack()
     assert client.hlen("unacked") == 0 and _queued(client) == []
+
+
+def _calls(client: redis.Redis, command: str) -> int:
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_an_ack_is_one_script_call_on_one_client(url: str, redis_server: RedisServer) -> None:
+    client = redis_server.client(DB)
+    _publish(url, {"n": 1}, {"n": 2}, {"n": 3})
+    received: list[Any] = []
+    with _connect(url) as conn:
+        channel = _consume(conn, received)
+        _drain(conn, received, 3)
+        assert client.hlen("unacked") == 3
+        multi, evalsha = _calls(client, "multi"), _calls(client, "evalsha")
+        for m in received:
+            m.ack()
+        # kombu's ack is MULTI, ZREM, HDEL, EXEC; here it is one EVALSHA per message.
+        assert _calls(client, "multi") == multi
+        assert _calls(client, "evalsha") == evalsha + 3
+        assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+        # kombu built a redis.Redis per ack; here one per connection pool, and a new
+        # one once the pool is replaced (after a connection error).
+        first = channel._create_client()
+        assert channel._create_client() is first
+        channel._disconnect_pools()
+        second = channel._create_client()
+        assert second is not first and second.connection_pool is channel.pool
+    assert _queued(client) == []

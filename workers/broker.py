@@ -1,4 +1,5 @@
-"""kombu's Redis transport, with a fetch that cannot lose a message to a crash.
+"""kombu's Redis transport, with a fetch that cannot lose a message to a crash, and a
+cheaper ack.
 
 kombu consumes with BRPOP: a message leaves its queue list when Redis sends the reply,
 and it is recorded in the ``unacked`` hash (what the visibility timeout restores from)
@@ -13,6 +14,10 @@ in flight. Redis has no blocking move from several lists (one per queue and prio
 so a worker whose fetch found every list empty waits with BRPOP as before, and goes
 back to the script after that one message: the only delivery still exposed is the
 first one an idle worker receives (docs/reliability.md).
+
+An ack is one script call (``ACK``) instead of kombu's MULTI/ZREM/HDEL/EXEC, on one
+cached client per connection pool instead of a new ``redis.Redis`` per ack: together a
+sixth of the worker's CPU per trivial action (benchmarks/README.md).
 
 ``install_transport`` (called by ``workers.app``) makes it the transport of ``redis://``
 and ``rediss://`` URLs in the worker process. Registering it under those names, rather
@@ -61,6 +66,13 @@ return false
 """
 _FETCH_SHA = hashlib.sha1(FETCH.encode()).hexdigest()
 
+# KEYS: unacked_index, unacked; ARGV[1]: the delivery tag. kombu's ack is the same two
+# writes in a MULTI/EXEC pipeline: four commands where one script call does.
+ACK = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+"""
+
 # A fetched message whose reply waited longer than this in the socket (the worker was
 # out of credit) gets its unacked score refreshed, so the visibility timeout counts from
 # when the worker took it, as with kombu's own record.
@@ -68,6 +80,17 @@ _RESCORE_AFTER_S = 1.0
 
 
 class QoS(kombu_redis.QoS):
+    def ack(self, delivery_tag: str) -> None:
+        channel = self.channel
+        if channel.global_keyprefix:  # the prefixing client does not rewrite script keys
+            return super().ack(delivery_tag)
+        with channel.conn_or_acquire() as client:
+            script = channel._ack_script
+            if script is None or script.registered_client is not client:
+                script = channel._ack_script = client.register_script(ACK)
+            script(keys=(self.unacked_index_key, self.unacked_key), args=(delivery_tag,))
+        return VirtualQoS.ack(self, delivery_tag)
+
     def append(self, message: Any, delivery_tag: str) -> None:
         fetched_at = self.channel._fetched.pop(delivery_tag, None)
         if fetched_at is None:  # delivered by BRPOP: record it now, as kombu does
@@ -88,6 +111,19 @@ class Channel(kombu_redis.Channel):
         self._try_fetch = True  # False after FETCH found every list empty
         self._fetch_sent = False  # the pending reply is FETCH's, not BRPOP's
         self._script_loaded = False
+        self._sync_client: redis_py.Redis | None = None
+        self._ack_script: Any = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        # kombu builds a new redis.Redis (with its table of ~200 response callbacks) for
+        # every ack; a client is only a handle on the pool, so one per pool will do.
+        if asynchronous or self.global_keyprefix:
+            return super()._create_client(asynchronous)
+        pool = self.pool
+        client = self._sync_client
+        if client is None or client.connection_pool is not pool:
+            client = self._sync_client = super()._create_client()
+        return client
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("no_ack", args[0] if args else False):
