@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,27 @@ def test_files_operations_through_a_worker(client: ActionClient) -> None:
     assert (gone["deleted_files"], gone["deleted_dirs"]) == (1, 1)
     refused(client, files(op="read", path="notes/a.txt"), "not_found")
     refused(client, files(op="mkdir", path="archive/a.txt"), "conflict")
+
+
+def test_the_worker_log_names_the_action_not_its_output(
+    client: ActionClient, files_fleet: tuple[str, Worker, Path]
+) -> None:
+    # Celery logs every result ("Task ... succeeded in ...: <result>"); for an action that
+    # is its id, primitive and status, never what it read (workers.app.result_repr).
+    marker = f"log-marker-{os.getpid()}-{time.monotonic_ns()}"
+    ok(client, files(op="write", path="logged.txt", content=marker))
+    result = run(client, files(op="read", path="logged.txt"))
+    assert result.output is not None and result.output["content"] == marker
+    worker = files_fleet[1]
+    deadline, lines = time.monotonic() + 30, []
+    while time.monotonic() < deadline and not lines:
+        text = worker.log.read_text()
+        lines = [ln for ln in text.splitlines() if f"[{result.action_id}] succeeded" in ln]
+        time.sleep(0.1)
+    assert lines, worker.tail()
+    assert f"'action_id': '{result.action_id}'" in lines[0], lines
+    assert "'primitive': 'files', 'status': 'succeeded'" in lines[0], lines
+    assert "'output'" not in lines[0] and marker not in worker.log.read_text()
 
 
 @pytest.mark.parametrize(

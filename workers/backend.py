@@ -5,9 +5,11 @@ Celery stores a result in two round trips (a GET, so a late duplicate cannot ove
 SUCCESS, then SETEX + PUBLISH in a transaction), and the pipeline then needs a third to
 record the idempotency result and free the concurrency lease. Here the check-and-store is
 one Lua script, atomic instead of racy, and whatever the pipeline asked to *ride along*
-(``ride_with_result``) runs in the same MULTI/EXEC: the result is visible to the agent if
-and only if the idempotency record says completed. For a trivial action that is a third
-of the worker's Redis round trips (docs/reliability.md, benchmarks/fleet_overhead.py).
+(``ride_with_result``) runs in the same script call (``_combined``: one EVALSHA, where a
+MULTI/EXEC of one EVAL each cost the worker and Redis twice as much): the result is
+visible to the agent if and only if the idempotency record says completed. For a trivial
+action that is a third of the worker's Redis round trips (docs/reliability.md,
+benchmarks/fleet_overhead.py).
 
 Riders only make sense on the Redis that holds the results; the pipeline checks that
 (``Reliability.defer_settle``) and otherwise writes them itself. Riders that no store
@@ -91,6 +93,36 @@ def _log_errors(riders: tuple[Rider, ...], results: list[Any]) -> None:
             log.error("settle write on %s failed: %s", rider.keys[:1], res)
 
 
+def _combined(riders: tuple[Rider, ...]) -> str:
+    """One script: ``_STORE``, then each rider, each body a function of its own slice of
+    KEYS and ARGV. ARGV[1] holds each part's key and argument counts. Every part runs
+    under pcall, as each command of a MULTI/EXEC would run whatever the others did.
+    Returns the store's reply (1 stored, 0 kept a SUCCESS; else the error text), then ''
+    or the error text of each rider."""
+    parts = [_STORE, *(r.script for r in riders)]
+    fns = "\n".join(f"local function p{i}(KEYS, ARGV)\n{body}\nend" for i, body in enumerate(parts))
+    return f"""{fns}
+local fns = {{{", ".join(f"p{i}" for i in range(len(parts)))}}}
+local sizes = {{}}
+for n in string.gmatch(ARGV[1], '%d+') do sizes[#sizes + 1] = tonumber(n) end
+local k, a, out = 1, 2, {{}}
+for i, fn in ipairs(fns) do
+  local nk, na = sizes[2 * i - 1], sizes[2 * i]
+  local ks, as = {{}}, {{}}
+  for j = 1, nk do ks[j] = KEYS[k + j - 1] end
+  for j = 1, na do as[j] = ARGV[a + j - 1] end
+  k, a = k + nk, a + na
+  local ok, res = pcall(fn, ks, as)
+  if i == 1 then
+    out[1] = ok and res or tostring(res)
+  else
+    out[i] = ok and '' or tostring(res)
+  end
+end
+return out
+"""
+
+
 class FleetRedisBackend(RedisBackend):
     """``RedisBackend`` with an atomic check-and-store that carries the pipeline's riders."""
 
@@ -100,6 +132,8 @@ class FleetRedisBackend(RedisBackend):
         if url is None and app is not None:
             url = app.conf.result_backend
         super().__init__(*args, url=url, **kwargs)
+        # (rider scripts) -> the registered combined script; a handful of shapes at most.
+        self._scripts: dict[tuple[str, ...], Any] = {}
 
     def _store_result(
         self,
@@ -125,14 +159,24 @@ class FleetRedisBackend(RedisBackend):
         self.ensure(self._store_atomic, (key, value, int(expires or 0), riders))
         return result
 
+    def _script(self, riders: tuple[Rider, ...]) -> Any:
+        shape = tuple(r.script for r in riders)
+        script = self._scripts.get(shape)
+        if script is None or script.registered_client is not self.client:
+            script = self._scripts[shape] = self.client.register_script(_combined(riders))
+        return script
+
     def _store_atomic(self, key: Any, value: Any, expires: int, riders: tuple[Rider, ...]) -> None:
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.eval(_STORE, 1, key, value, expires)
-            for r in riders:
-                pipe.eval(r.script, len(r.keys), *r.keys, *r.args)
-            results = pipe.execute(raise_on_error=False)
-        if isinstance(results[0], redis.ConnectionError | redis.TimeoutError):
-            raise results[0]  # retried by ensure()
-        if isinstance(results[0], Exception):
-            raise BackendStoreError(str(results[0]), state="", task_id=bytes_to_str(key))
-        _log_errors(riders, results[1:])
+        # One EVALSHA: the store and the riders, instead of MULTI, EVAL..., EXEC.
+        sizes = [1, 2, *(n for r in riders for n in (len(r.keys), len(r.args)))]
+        keys = [key, *(k for r in riders for k in r.keys)]
+        args = [" ".join(map(str, sizes)), value, expires, *(a for r in riders for a in r.args)]
+        try:
+            results = self._script(riders)(keys=keys, args=args)
+        except redis.ResponseError as exc:  # e.g. a full Redis refusing any script
+            raise BackendStoreError(str(exc), state="", task_id=bytes_to_str(key)) from exc
+        if not isinstance(results[0], int):
+            raise BackendStoreError(bytes_to_str(results[0]), state="", task_id=bytes_to_str(key))
+        for rider, err in zip(riders, results[1:], strict=False):
+            if err:
+                log.error("settle write on %s failed: %s", rider.keys[:1], bytes_to_str(err))
