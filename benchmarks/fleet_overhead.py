@@ -3,7 +3,7 @@ policy, rate-limit and idempotency checks, audit emission — beside bare Celery
 on the same broker, worker count and concurrency, in the same run. Also scale-out (two
 worker processes vs one) and resident memory per worker process.
 
-    .venv/bin/python benchmarks/fleet_overhead.py [-n 2000] [--concurrency 2] [--repeat 3]
+    .venv/bin/python benchmarks/fleet_overhead.py [-n 2000] [--concurrency 2] [--repeat 5]
 
 Throughput is measured two ways, each for the baseline and the subject:
 - drain: N messages are queued while the workers' consumers are cancelled, then the
@@ -15,7 +15,9 @@ Throughput is measured two ways, each for the baseline and the subject:
   part of the number.
 The bench tenant has a rate limit, a concurrency limit and a monthly quota (set far above
 what the run uses) so the limit checks really run; audit events go to the Redis stream.
-Each figure is the median of ``--repeat`` runs.
+Baseline and subject runs alternate (``--repeat`` pairs, back to back), and each ratio
+is the median of the per-pair ratios: on a shared machine a burst of someone else's load
+then hits one pair instead of every run of one side.
 """
 
 from __future__ import annotations
@@ -97,9 +99,28 @@ def closed_loop(publish: Callable[[], list], check: Callable[[object], None]) ->
     return len(handles) / (time.perf_counter() - start)
 
 
-def median_of(repeat: int, fn: Callable[[], float]) -> tuple[float, list[float]]:
-    runs = [fn() for _ in range(repeat)]
-    return statistics.median(runs), runs
+def paired(
+    repeat: int, base: Callable[[], float], subject: Callable[[], float]
+) -> tuple[list[float], list[float], list[float]]:
+    """``repeat`` rounds of the baseline then the subject, back to back: a burst of load
+    from a neighbour on a shared machine hits one pair, and the median of the per-pair
+    ratios shrugs it off (measuring every baseline run before every subject run did not)."""
+    bases, subjects = [], []
+    for _ in range(repeat):
+        bases.append(base())
+        subjects.append(subject())
+    return bases, subjects, [s / b for b, s in zip(bases, subjects, strict=True)]
+
+
+def interleaved_latency(
+    fns: dict[str, Callable[[], object]], n: int, rounds: int = 10
+) -> dict[str, list[float]]:
+    """Sequential round trips of each subject, ``n // rounds`` at a time, taking turns."""
+    out: dict[str, list[float]] = {label: [] for label in fns}
+    for _ in range(rounds):
+        for label, fn in fns.items():
+            out[label] += timed(fn, max(1, n // rounds))
+    return out
 
 
 def main() -> None:
@@ -107,7 +128,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2000, help="actions per throughput run")
     parser.add_argument("--latency-n", type=int, default=300, help="sequential round trips")
     parser.add_argument("--concurrency", type=int, default=2, help="processes per worker")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--repeat", type=int, default=5, help="baseline/subject pairs")
     args = parser.parse_args()
 
     import redis
@@ -122,8 +143,7 @@ def main() -> None:
     env = {"ACTIONFLEET_HOME": home, "ACTIONFLEET_POLICY": str(policy)}
     write = STAT | {"payload": {"op": "write", "path": "hello.txt", "content": "hi"}}
     n, c, rep = args.n, args.concurrency, args.repeat
-    rows: list[tuple[str, float, list[float]]] = []
-    lat: dict[str, list[float]] = {}
+    rows: list[tuple[str, list[float], list[float], list[float]]] = []
     mem: list[str] = []
 
     def fleet_ok(h: object) -> None:
@@ -144,89 +164,96 @@ def main() -> None:
         def stat_all() -> list:
             return client.submit_many([dict(STAT) for _ in range(n)])
 
-        def both(label: str, app_ctl: object, queue: str, names: list[str], fleet: bool) -> None:
-            publish, check = (stat_all, fleet_ok) if fleet else (noop_all, noop_ok)
+        # Both workers run side by side; each drain cancels the other's consumer, and an
+        # idle worker waiting on an empty queue costs nothing.
+        with (
+            celery_worker("benchmarks.noop_app", "bench", url, c) as bare,
+            celery_worker("workers.app", "actions.files", url, c, **env) as fleet,
+        ):
+            assert client.run(write, timeout=60).status == "succeeded"
+            lat = interleaved_latency(
+                {
+                    "bare Celery no-op": lambda: noop.send_task("bench.noop", queue="bench").get(
+                        timeout=30
+                    ),
+                    "fleet files stat": lambda: client.run(STAT, timeout=30),
+                },
+                args.latency_n,
+            )
             rows.append(
                 (
-                    f"{label}, drain",
-                    *median_of(rep, lambda: drain(app_ctl, r, queue, names, fleet, publish, check)),
+                    "drain",
+                    *paired(
+                        rep,
+                        lambda: drain(noop, r, "bench", [bare], False, noop_all, noop_ok),
+                        lambda: drain(noop, r, "actions.files", [fleet], True, stat_all, fleet_ok),
+                    ),
                 )
             )
             rows.append(
-                (f"{label}, closed loop", *median_of(rep, lambda: closed_loop(publish, check)))
+                (
+                    "closed loop",
+                    *paired(
+                        rep,
+                        lambda: closed_loop(noop_all, noop_ok),
+                        lambda: closed_loop(stat_all, fleet_ok),
+                    ),
+                )
             )
-
-        with celery_worker("benchmarks.noop_app", "bench", url, c) as name:
-            lat["bare Celery no-op"] = timed(
-                lambda: noop.send_task("bench.noop", queue="bench").get(timeout=30),
-                args.latency_n,
-            )
-            both("bare Celery no-op", noop, "bench", [name], fleet=False)
-        with celery_worker("workers.app", "actions.files", url, c, **env) as name:
-            assert client.run(write, timeout=60).status == "succeeded"
-            lat["fleet files stat"] = timed(lambda: client.run(STAT, timeout=30), args.latency_n)
-            both("fleet files stat", noop, "actions.files", [name], fleet=True)
-            main_pid = WORKER_PIDS[name]
+            main_pid = WORKER_PIDS[fleet]
             mem.append(f"worker main process {rss_mb(main_pid):.0f} MB")
             for i, child in enumerate(children(main_pid)):
                 mem.append(f"pool process {i} {rss_mb(child):.0f} MB")
 
-        # Scale-out: a worker process with one execution slot, then two of them.
-        scale: list[tuple[str, float, list[float]]] = []
+        # Scale-out: one worker process with one execution slot, then two of them, taking
+        # turns (the second one's consumer is cancelled while the first drains alone).
         with ExitStack() as stack:
             names = [
                 stack.enter_context(
-                    celery_worker("workers.app", "actions.files", url, 1, tag="-s1", **env)
+                    celery_worker("workers.app", "actions.files", url, 1, tag=f"-s{i}", **env)
                 )
+                for i in (1, 2)
             ]
             client.run(STAT, timeout=60)
-            scale.append(
-                (
-                    "1 worker process",
-                    *median_of(
-                        rep,
-                        lambda: drain(noop, r, "actions.files", names, True, stat_all, fleet_ok),
-                    ),
-                )
-            )
-            names.append(
-                stack.enter_context(
-                    celery_worker("workers.app", "actions.files", url, 1, tag="-s2", **env)
-                )
-            )
-            scale.append(
-                (
-                    "2 worker processes",
-                    *median_of(
-                        rep,
-                        lambda: drain(noop, r, "actions.files", names, True, stat_all, fleet_ok),
-                    ),
-                )
+
+            def one_worker() -> float:
+                noop.control.cancel_consumer("actions.files", destination=names[1:], reply=True)
+                return drain(noop, r, "actions.files", names[:1], True, stat_all, fleet_ok)
+
+            scale = paired(
+                rep,
+                one_worker,
+                lambda: drain(noop, r, "actions.files", names, True, stat_all, fleet_ok),
             )
         client.close()
         noop.close()
 
-    print(f"{'subject':<36} {'actions/s':>10} {'ratio':>7}   runs")
-    for kind in ("drain", "closed loop"):
-        base = next(rate for label, rate, _ in rows if label == f"bare Celery no-op, {kind}")
-        for label, rate, runs in rows:
-            if label.endswith(kind):
-                spread = " ".join(f"{x:.0f}" for x in runs)
-                print(f"{label:<36} {rate:>10.1f} {rate / base:>7.2f}   {spread}")
-    print(f"(n={n}, 1 worker, concurrency={c}; ratios against bare Celery measured the same way)")
+    def spread(runs: list[float]) -> str:
+        return " ".join(f"{x:.0f}" for x in runs)
+
+    print(f"{'throughput':<12} {'bare Celery/s':>13} {'fleet/s':>9} {'ratio':>6}   pair ratios")
+    for kind, bases, subjects, ratios in rows:
+        print(
+            f"{kind:<12} {statistics.median(bases):>13.1f} {statistics.median(subjects):>9.1f}"
+            f" {statistics.median(ratios):>6.2f}   {' '.join(f'{x:.2f}' for x in ratios)}"
+            f"   (bare {spread(bases)}; fleet {spread(subjects)})"
+        )
+    print(
+        f"(n={n} per run, {rep} pairs, 1 worker each, concurrency={c}; ratio: median of the"
+        " fleet/bare ratios of runs made back to back)"
+    )
     b50 = pct(lat["bare Celery no-op"], 0.5)
     for label, samples in lat.items():
         print(
             f"latency {label:<24} p50 {pct(samples, 0.5):7.2f} ms  p90 {pct(samples, 0.9):7.2f} ms"
             f"  p50/bare {pct(samples, 0.5) / b50:5.2f}"
         )
-    one = scale[0][1]
-    for label, rate, runs in scale:
-        spread = " ".join(f"{x:.0f}" for x in runs)
-        print(
-            f"scale-out (drain, concurrency 1): {label:<20} {rate:8.1f}/s"
-            f"  x{rate / one:.2f}   {spread}"
-        )
+    one, two, ratios = scale
+    print(
+        f"scale-out (drain, concurrency 1): 1 worker process {statistics.median(one):.1f}/s,"
+        f" 2 worker processes {statistics.median(two):.1f}/s, x{statistics.median(ratios):.2f}"
+        f"   pair ratios {' '.join(f'{x:.2f}' for x in ratios)}"
+    )
     print("resident memory: " + ", ".join(mem))
 
 

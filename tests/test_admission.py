@@ -49,14 +49,31 @@ tenants:
 """
 
 
-class _CountingRedis(redis.Redis):
-    """A real client that counts the requests it sends (one per round trip here)."""
+class _CountingConnection(redis.Connection):
+    """A real connection that counts the requests sent on it (one per round trip here),
+    through redis-py's command path or straight on the connection (PinnedScript); a new
+    connection's handshake (CLIENT SETINFO, SELECT) is not counted."""
 
     sent = 0
+    _handshake = False
 
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        self.sent += 1
-        return super().execute_command(*args, **options)
+    def on_connect_check_health(self, check_health: bool = True) -> None:
+        self._handshake = True
+        try:
+            super().on_connect_check_health(check_health)
+        finally:
+            self._handshake = False
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._handshake:
+            _CountingConnection.sent += 1
+        super().send_packed_command(command, check_health)
+
+
+class _CountingRedis(redis.Redis):
+    @property
+    def sent(self) -> int:
+        return _CountingConnection.sent
 
 
 @dataclass
@@ -113,7 +130,7 @@ def guard(redis_own: RedisServer, tmp_path: Path) -> Iterator[_Guard]:
     redis_own.client(7).flushdb()
     policy = tmp_path / "policy.yaml"
     policy.write_text(GUARD_POLICY)
-    client = _CountingRedis.from_url(redis_own.url(7))
+    client = _CountingRedis.from_url(redis_own.url(7), connection_class=_CountingConnection)
     rel = Reliability(client)
     for script in (ADMIT, SETTLE):  # as on a running worker: the first call loads them
         client.script_load(script)

@@ -30,6 +30,8 @@ from typing import Literal
 
 import redis
 
+from workers.pinned_script import PinnedScript
+
 __all__ = ["ADMIT", "SETTLE", "Scripts", "Verdict", "settle_args"]
 
 # KEYS: [claim] [rate buckets...] [lease set] [quota counters...]
@@ -194,11 +196,12 @@ def _text(value: bytes | str) -> str:
 
 
 class Scripts:
-    """``ADMIT`` and ``SETTLE`` registered on one client (EVALSHA, loaded on first miss)."""
+    """``ADMIT`` and ``SETTLE`` on one client (EVALSHA on a pinned connection, loaded on
+    first miss: ``workers.pinned_script``)."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self._admit = client.register_script(ADMIT)
-        self._settle = client.register_script(SETTLE)
+        self._admit = PinnedScript(client, ADMIT)
+        self._settle = PinnedScript(client, SETTLE)
 
     def admit(
         self,

@@ -31,6 +31,8 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
+from workers.pinned_script import PinnedScript
+
 __all__ = ["FleetRedisBackend", "Rider", "ride_with_result", "run_riders", "take_riders"]
 
 log = logging.getLogger(__name__)
@@ -133,7 +135,7 @@ class FleetRedisBackend(RedisBackend):
             url = app.conf.result_backend
         super().__init__(*args, url=url, **kwargs)
         # (rider scripts) -> the registered combined script; a handful of shapes at most.
-        self._scripts: dict[tuple[str, ...], Any] = {}
+        self._scripts: dict[tuple[str, ...], PinnedScript] = {}
 
     def _store_result(
         self,
@@ -159,11 +161,11 @@ class FleetRedisBackend(RedisBackend):
         self.ensure(self._store_atomic, (key, value, int(expires or 0), riders))
         return result
 
-    def _script(self, riders: tuple[Rider, ...]) -> Any:
+    def _script(self, riders: tuple[Rider, ...]) -> PinnedScript:
         shape = tuple(r.script for r in riders)
         script = self._scripts.get(shape)
-        if script is None or script.registered_client is not self.client:
-            script = self._scripts[shape] = self.client.register_script(_combined(riders))
+        if script is None or script.client is not self.client:
+            script = self._scripts[shape] = PinnedScript(self.client, _combined(riders))
         return script
 
     def _store_atomic(self, key: Any, value: Any, expires: int, riders: tuple[Rider, ...]) -> None:

@@ -40,6 +40,8 @@ from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
+from workers.pinned_script import PinnedScript
+
 __all__ = ["FETCH", "Channel", "QoS", "Transport", "install_transport"]
 
 # KEYS: unacked_index, unacked, then the queue lists in BRPOP's order (priority first).
@@ -86,8 +88,8 @@ class QoS(kombu_redis.QoS):
             return super().ack(delivery_tag)
         with channel.conn_or_acquire() as client:
             script = channel._ack_script
-            if script is None or script.registered_client is not client:
-                script = channel._ack_script = client.register_script(ACK)
+            if script is None or script.client is not client:
+                script = channel._ack_script = PinnedScript(client, ACK)
             script(keys=(self.unacked_index_key, self.unacked_key), args=(delivery_tag,))
         return VirtualQoS.ack(self, delivery_tag)
 
@@ -112,7 +114,7 @@ class Channel(kombu_redis.Channel):
         self._fetch_sent = False  # the pending reply is FETCH's, not BRPOP's
         self._script_loaded = False
         self._sync_client: redis_py.Redis | None = None
-        self._ack_script: Any = None
+        self._ack_script: PinnedScript | None = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         # kombu builds a new redis.Redis (with its table of ~200 response callbacks) for
