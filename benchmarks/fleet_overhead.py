@@ -55,12 +55,19 @@ def queue_keys(queue: str, priorities: bool) -> list[str]:
     return redis_queue_keys(queue) if priorities else [queue]
 
 
-def drained(r: object, keys: list[str]) -> bool:
+def backlog(r: object, keys: list[str]) -> int:
+    """Messages still queued or delivered but not acknowledged."""
     pipe = r.pipeline(transaction=False)  # type: ignore[attr-defined]
     for key in keys:
         pipe.llen(key)
     pipe.hlen("unacked")
-    return not any(pipe.execute())
+    return sum(pipe.execute())
+
+
+# Faster than any drain measured here (~1000/s): sleeping ``backlog / FASTEST`` never
+# passes the end of a drain, and polls rarely while most of it is left -- on a 2-core
+# machine a poller every 2 ms would take CPU from the workers it measures.
+FASTEST_PER_S = 5000
 
 
 def drain(
@@ -80,11 +87,12 @@ def drain(
     start = time.perf_counter()
     control.add_consumer(queue, destination=names, reply=True)
     while True:
+        left = backlog(r, keys)
         # A message is briefly in neither the list nor the unacked hash between its pop
         # and its bookkeeping: three empty looks in a row, 1 ms apart, rule that out.
-        if all(drained(r, keys) or time.sleep(0.001) for _ in range(3)):
+        if not left and all(not backlog(r, keys) or time.sleep(0.001) for _ in range(2)):
             break
-        time.sleep(0.002)
+        time.sleep(min(0.05, max(0.002, left / FASTEST_PER_S)))
     elapsed = time.perf_counter() - start - 0.002
     for h in handles:  # outside the clock: every one finished, and as expected
         check(h)

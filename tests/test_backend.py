@@ -12,11 +12,14 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis
 from celery import Celery, states
+from celery.app.task import Context
+from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 
 from producer.client import ActionClient
@@ -73,6 +76,37 @@ def test_stores_publishes_and_keeps_the_expiry(app: Celery, redis_server: RedisS
     # The client side (a plain Celery backend) reads it back.
     assert app.AsyncResult(task_id).get(timeout=5) == {"status": "succeeded"}
     pubsub.close()
+
+
+@pytest.mark.parametrize("state", [states.SUCCESS, states.FAILURE, states.RETRY, states.STARTED])
+def test_the_lean_result_meta_is_celerys(app: Celery, state: str) -> None:
+    # The backend builds the meta itself (no config lookup, no time zone round trip):
+    # the same keys and values as Celery's own, and a UTC date_done when final.
+    backend = app.backend
+    assert backend._lean_meta
+    request = Context(group="g-1", parent_id="p-1", children=[])
+    ours = backend._get_result_meta({"n": 1}, state, None, request)
+    celerys = RedisBackend._get_result_meta(backend, {"n": 1}, state, None, request)
+    ours_done, celerys_done = ours.pop("date_done"), celerys.pop("date_done")
+    assert ours == celerys
+    if state in states.READY_STATES:
+        t1, t2 = datetime.fromisoformat(ours_done), datetime.fromisoformat(celerys_done)
+        assert t1.utcoffset() == t2.utcoffset() == timedelta(0)
+        assert abs((t2 - t1).total_seconds()) < 5
+    else:
+        assert ours_done is celerys_done is None
+
+
+def test_results_encode_as_kombu_would(app: Celery) -> None:
+    backend = app.backend
+    meta = {"status": "SUCCESS", "result": {"text": "héllo ✓", "n": [1, 2.5, None]}}
+    fast = backend._encode_meta(meta)
+    assert isinstance(fast, bytes)  # orjson
+    assert backend.decode(fast) == backend.decode(backend.encode(meta)) == meta
+    # What orjson cannot write, or would write differently, goes through kombu.
+    for odd in (2**70, datetime(2026, 1, 2, tzinfo=UTC)):
+        slow = backend._encode_meta({"result": odd})
+        assert isinstance(slow, str) and backend.decode(slow) == {"result": odd}
 
 
 def test_a_success_is_never_overwritten(app: Celery, redis_server: RedisServer) -> None:

@@ -253,7 +253,7 @@ class Scripts:
     def settle(
         self,
         *,
-        claim: tuple[ClaimOp, str, str, int | str, int] | None = None,
+        claim: tuple[ClaimOp, str, str, int | str | bytes, int] | None = None,
         lease: tuple[LeaseOp, str, str, int] | None = None,
     ) -> tuple[bool, bool]:
         """``claim``: (op, key, owner, result JSON or claim_ms, retention_s); ``lease``:
@@ -265,13 +265,13 @@ class Scripts:
 
 def settle_args(
     *,
-    claim: tuple[ClaimOp, str, str, int | str, int] | None = None,
+    claim: tuple[ClaimOp, str, str, int | str | bytes, int] | None = None,
     lease: tuple[LeaseOp, str, str, int] | None = None,
-) -> tuple[list[str], list[int | str]]:
+) -> tuple[list[str], list[int | str | bytes]]:
     """KEYS and ARGV of one ``SETTLE`` call (also for running it inside another
     transaction, e.g. next to a stored result)."""
     keys: list[str] = []
-    args: list[int | str]
+    args: list[int | str | bytes]
     if claim is not None:
         keys.append(claim[1])
         args = [claim[0], claim[2], claim[3], claim[4]]

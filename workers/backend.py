@@ -20,11 +20,14 @@ next task.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import redis
 from celery import states
 from celery.backends.redis import RedisBackend
@@ -54,6 +57,13 @@ end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 """
+
+
+_ORJSON_PASSTHROUGH = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +146,44 @@ class FleetRedisBackend(RedisBackend):
         super().__init__(*args, url=url, **kwargs)
         # (rider scripts) -> the registered combined script; a handful of shapes at most.
         self._scripts: dict[tuple[str, ...], PinnedScript] = {}
+        conf = self.app.conf
+        self._lean_meta = not conf.result_extended and str(self.app.timezone) == "UTC"
+
+    def _get_result_meta(
+        self,
+        result: Any,
+        state: str,
+        traceback: Any,
+        request: Any,
+        format_date: bool = True,
+        encode: bool = False,
+    ) -> dict[str, Any]:
+        # Celery's, minus what costs ~25 us per result and changes nothing here: a config
+        # lookup for result_extended (off) and a time zone round trip for date_done (UTC).
+        # tests/test_backend.py checks this against Celery's own for every state.
+        if not self._lean_meta or not format_date:
+            return super()._get_result_meta(result, state, traceback, request, format_date, encode)
+        meta = {
+            "status": state,
+            "result": result,
+            "traceback": traceback,
+            "children": self.current_task_children(request),
+            "date_done": datetime.now(UTC).isoformat() if state in self.READY_STATES else None,
+        }
+        if request and getattr(request, "group", None):
+            meta["group_id"] = request.group
+        if request and getattr(request, "parent_id", None):
+            meta["parent_id"] = request.parent_id
+        return meta
+
+    def _encode_meta(self, meta: dict[str, Any]) -> bytes | str:
+        # orjson: ~10x cheaper than kombu's JSON for a result; anything it would write
+        # differently from kombu (datetimes, dataclasses, subclasses) or cannot write
+        # (ints past 64 bits) goes through kombu as before.
+        if self.serializer == "json":
+            with contextlib.suppress(TypeError):
+                return orjson.dumps(meta, option=_ORJSON_PASSTHROUGH)
+        return self.encode(meta)
 
     def _store_result(
         self,
@@ -151,14 +199,18 @@ class FleetRedisBackend(RedisBackend):
             result=result, state=state, traceback=traceback, request=request
         )
         meta["task_id"] = bytes_to_str(task_id)
-        value = self.encode(meta)
-        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
+        value = self._encode_meta(meta)
+        if len(value) > self._MAX_STR_VALUE_SIZE:
             raise BackendStoreError(
                 "value too large for Redis backend", state=state, task_id=task_id
             )
         expires = self.failure_expires if state == states.FAILURE else self.expires
         key = self.get_key_for_task(task_id)
-        self.ensure(self._store_atomic, (key, value, int(expires or 0), riders))
+        store = (key, value, int(expires or 0), riders)
+        try:
+            self._store_atomic(*store)
+        except self.connection_errors:  # Celery's retry policy from here on
+            self.ensure(self._store_atomic, store)
         return result
 
     def _script(self, riders: tuple[Rider, ...]) -> PinnedScript:

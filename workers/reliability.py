@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import redis
 
 from producer.config import Settings
@@ -62,7 +63,17 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Deferred", "Duplicate", "Reliability", "Reschedule", "RetryState"]
 
-_to_json = json.JSONEncoder(separators=(",", ":")).encode  # built once, not per action
+_json = json.JSONEncoder(separators=(",", ":")).encode  # built once, not per action
+
+
+def _to_json(value: Any) -> bytes | str:
+    """The result as stored in the idempotency record: orjson (~10x cheaper); json for
+    what orjson refuses (ints past 64 bits)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return _json(value)
+
 
 # Waiting for a concurrency slot or a running duplicate: poll at this pace (with jitter)
 # rather than until the holder's lease expiry, since holders usually finish far earlier.
@@ -272,7 +283,8 @@ class Reliability:
             return
         self.keeper.drop(held.handle)
         op: ClaimOp = "r"  # free the claim: the next delivery runs the action
-        payload, retention_s = "", 0
+        payload: bytes | str = ""
+        retention_s = 0
         if completed is not None:
             op, retention_s = "c", self.idempotency.retention_s
             payload = _to_json(completed)
