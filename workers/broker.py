@@ -81,6 +81,14 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 _RESCORE_AFTER_S = 1.0
 
 
+def _resp(*args: bytes) -> bytes:
+    """One command in the Redis protocol."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        out += (b"$%d\r\n" % len(a), a, b"\r\n")
+    return b"".join(out)
+
+
 class QoS(kombu_redis.QoS):
     def ack(self, delivery_tag: str) -> None:
         channel = self.channel
@@ -113,6 +121,7 @@ class Channel(kombu_redis.Channel):
         self._try_fetch = True  # False after FETCH found every list empty
         self._fetch_sent = False  # the pending reply is FETCH's, not BRPOP's
         self._script_loaded = False
+        self._fetch_args: dict[tuple[str, ...], list[bytes]] = {}
         self._sync_client: redis_py.Redis | None = None
         self._ack_script: PinnedScript | None = None
 
@@ -132,17 +141,24 @@ class Channel(kombu_redis.Channel):
             self._noack_queues.add(queue)
         return super().basic_consume(queue, *args, **kwargs)
 
-    def _fetch_keys(self) -> list[str] | None:
+    def _fetch_command(self) -> bytes | None:
+        """The FETCH call for the queues' next turn, as RESP bytes; None: use BRPOP."""
         if not (self._try_fetch and self.ack_emulation) or self.global_keyprefix:
             return None
-        queues = self._queue_cycle.consume(len(self.active_queues))
+        queues = tuple(self._queue_cycle.consume(len(self.active_queues)))
         if not queues or self._noack_queues.intersection(queues):
             return None
-        return [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
+        args = self._fetch_args.get(queues)
+        if args is None:  # fixed per queue set: named and encoded once, not per message
+            keys = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
+            head = ("EVALSHA", _FETCH_SHA, str(len(keys) + 2))
+            idx = (self.unacked_index_key, self.unacked_key)
+            args = self._fetch_args[queues] = [a.encode() for a in (*head, *idx, *keys)]
+        return _resp(*args, repr(time()).encode())
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        keys = self._fetch_keys()
-        if keys is None:
+        command = self._fetch_command()
+        if command is None:
             # Also after a FETCH whose reply a reconnect dropped: a BRPOP reply has the
             # same shape, and must not be taken for one already recorded as unacked.
             self._fetch_sent = False
@@ -154,10 +170,7 @@ class Channel(kombu_redis.Channel):
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
         self._fetch_sent = True
-        self.client.connection.send_command(
-            "EVALSHA", _FETCH_SHA, len(keys) + 2,
-            self.unacked_index_key, self.unacked_key, *keys, time(),
-        )  # fmt: skip
+        self.client.connection.send_packed_command([command])
 
     def _brpop_read(self, **options: Any) -> bool:
         if not self._fetch_sent:
@@ -167,7 +180,7 @@ class Channel(kombu_redis.Channel):
         self._fetch_sent = False
         try:
             try:
-                reply = self.client.parse_response(self.client.connection, "EVALSHA")
+                reply = self.client.connection.read_response()
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
