@@ -4,6 +4,7 @@ on the same broker, worker count and concurrency, in the same run. Also scale-ou
 worker processes vs one) and resident memory per worker process.
 
     .venv/bin/python benchmarks/fleet_overhead.py [-n 2000] [--concurrency 2] [--repeat 5]
+        [--scale-repeat 9]
 
 Throughput is measured two ways, each for the baseline and the subject:
 - drain: N messages are queued while the workers' consumers are cancelled, then the
@@ -137,6 +138,9 @@ def main() -> None:
     parser.add_argument("--latency-n", type=int, default=300, help="sequential round trips")
     parser.add_argument("--concurrency", type=int, default=2, help="processes per worker")
     parser.add_argument("--repeat", type=int, default=5, help="baseline/subject pairs")
+    parser.add_argument(
+        "--scale-repeat", type=int, default=9, help="1-worker/2-worker pairs (noisier)"
+    )
     args = parser.parse_args()
 
     import redis
@@ -214,25 +218,32 @@ def main() -> None:
                 mem.append(f"pool process {i} {rss_mb(child):.0f} MB")
 
         # Scale-out: one worker process with one execution slot, then two of them, taking
-        # turns (the second one's consumer is cancelled while the first drains alone).
-        with ExitStack() as stack:
-            names = [
-                stack.enter_context(
-                    celery_worker("workers.app", "actions.files", url, 1, tag=f"-s{i}", **env)
+        # turns (the second one's consumer is cancelled while the first drains alone);
+        # bare Celery measured the same way shows what this machine allows.
+        def scale_out(
+            app: str, queue: str, publish: Callable[[], list], check: Callable[[object], None]
+        ) -> tuple[list[float], list[float], list[float]]:
+            with ExitStack() as stack:
+                names = [
+                    stack.enter_context(celery_worker(app, queue, url, 1, tag=f"-s{i}", **env))
+                    for i in (1, 2)
+                ]
+                prio = queue == "actions.files"
+
+                def one_worker() -> float:
+                    noop.control.cancel_consumer(queue, destination=names[1:], reply=True)
+                    return drain(noop, r, queue, names[:1], prio, publish, check)
+
+                return paired(
+                    args.scale_repeat,
+                    one_worker,
+                    lambda: drain(noop, r, queue, names, prio, publish, check),
                 )
-                for i in (1, 2)
-            ]
-            client.run(STAT, timeout=60)
 
-            def one_worker() -> float:
-                noop.control.cancel_consumer("actions.files", destination=names[1:], reply=True)
-                return drain(noop, r, "actions.files", names[:1], True, stat_all, fleet_ok)
-
-            scale = paired(
-                rep,
-                one_worker,
-                lambda: drain(noop, r, "actions.files", names, True, stat_all, fleet_ok),
-            )
+        scale = {
+            "fleet files stat": scale_out("workers.app", "actions.files", stat_all, fleet_ok),
+            "bare Celery no-op": scale_out("benchmarks.noop_app", "bench", noop_all, noop_ok),
+        }
         client.close()
         noop.close()
 
@@ -256,12 +267,12 @@ def main() -> None:
             f"latency {label:<24} p50 {pct(samples, 0.5):7.2f} ms  p90 {pct(samples, 0.9):7.2f} ms"
             f"  p50/bare {pct(samples, 0.5) / b50:5.2f}"
         )
-    one, two, ratios = scale
-    print(
-        f"scale-out (drain, concurrency 1): 1 worker process {statistics.median(one):.1f}/s,"
-        f" 2 worker processes {statistics.median(two):.1f}/s, x{statistics.median(ratios):.2f}"
-        f"   pair ratios {' '.join(f'{x:.2f}' for x in ratios)}"
-    )
+    for label, (one, two, ratios) in scale.items():
+        print(
+            f"scale-out (drain, concurrency 1), {label}: 1 worker process"
+            f" {statistics.median(one):.1f}/s, 2 worker processes {statistics.median(two):.1f}/s,"
+            f" x{statistics.median(ratios):.2f}   pairs {' '.join(f'{x:.2f}' for x in ratios)}"
+        )
     print("resident memory: " + ", ".join(mem))
 
 
