@@ -125,6 +125,25 @@ def test_threads_and_forked_children_get_their_own_connection(client: redis.Redi
     assert echo(args=["parent"]) == b"parent"  # the parent's line is untouched
 
 
+def test_threads_past_the_cap_go_through_redis_py(client: redis.Redis) -> None:
+    # A pool of short-lived threads must not keep a connection each for good.
+    echo = PinnedScript(client, ECHO)
+    echo.max_pinned = 2
+    client.script_flush()  # the unpinned path loads the script too
+    results: list[bytes] = []
+
+    def call(i: int) -> None:
+        results.append(echo(args=[f"t{i}"]))
+
+    for i in range(6):
+        t = threading.Thread(target=call, args=(i,))
+        t.start()
+        t.join()
+    assert sorted(results) == [f"t{i}".encode() for i in range(6)]
+    assert sum(echo._pinned.values()) == 2
+    assert len(client.connection_pool._in_use_connections) == 2  # the pinned ones only
+
+
 def client_url(client: redis.Redis) -> str:
     kw = client.connection_pool.connection_kwargs
     return f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"

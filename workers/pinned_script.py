@@ -14,7 +14,8 @@ What the checkout protected against is handled here instead:
 - a dropped connection is reopened and the call sent once more, like redis-py's default
   retry (``retries``); the error is raised after that;
 - NOSCRIPT (a restarted Redis, SCRIPT FLUSH) loads the script and sends it again;
-- a fork or a replaced connection pool gets a connection of its own.
+- a fork or a replaced connection pool gets a connection of its own;
+- at most ``max_pinned`` threads per process pin one; others take redis-py's path.
 """
 
 from __future__ import annotations
@@ -31,24 +32,40 @@ __all__ = ["PinnedScript"]
 
 
 class PinnedScript:
+    # Threads pinned per process and connection pool; more (a pool of short-lived
+    # threads, greenlets) go through redis-py's own path instead of keeping a
+    # connection each for good.
+    max_pinned = 16
+
     def __init__(self, client: redis.Redis, script: str, *, retries: int = 1) -> None:
         self.client = client
         self.script = script
         self.sha = hashlib.sha1(script.encode()).hexdigest()
         self.retries = retries
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pinned: dict[tuple[int, int], int] = {}  # (pid, id(pool)) -> threads pinned
 
-    def _connection(self) -> Any:
+    def _connection(self) -> Any | None:
         local = self._local
         pool = self.client.connection_pool
         conn = getattr(local, "conn", None)
-        if conn is None or local.pid != os.getpid() or local.pool is not pool:
-            conn = pool.get_connection()  # kept: this thread's, for the process's life
-            local.conn, local.pid, local.pool = conn, os.getpid(), pool
+        pid = os.getpid()
+        if conn is not None and local.pid == pid and local.pool is pool:
+            return conn
+        with self._lock:
+            key = (pid, id(pool))
+            if self._pinned.get(key, 0) >= self.max_pinned:
+                return None
+            self._pinned[key] = self._pinned.get(key, 0) + 1
+        conn = pool.get_connection()  # kept: this thread's, for the process's life
+        local.conn, local.pid, local.pool = conn, pid, pool
         return conn
 
     def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
         conn = self._connection()
+        if conn is None:
+            return self._unpinned(keys, args)
         packed = conn.pack_command("EVALSHA", self.sha, len(keys), *keys, *args)
         failures = 0
         while True:
@@ -67,3 +84,10 @@ class PinnedScript:
             except BaseException:
                 conn.disconnect()  # a reply may be on its way: never read it as ours
                 raise
+
+    def _unpinned(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        try:
+            return self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            self.client.script_load(self.script)
+            return self.client.evalsha(self.sha, len(keys), *keys, *args)
