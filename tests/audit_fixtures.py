@@ -246,6 +246,18 @@ def drain(ingester: Ingester, timeout: float = 30) -> None:
     pytest.fail(f"stream not drained: {ingester.lag()} {ingester.stats}")
 
 
+@contextmanager
+def drained_ingester(url: str, store: Path, **options: Any) -> Iterator[Ingester]:
+    """An in-process ingester writing to the chDB store at ``store``, stepped until the
+    stream is empty, closed afterwards."""
+    ingester = Ingester(url, f"chdb://{store}", batch_age_s=0.1, serve_queries=False, **options)
+    try:
+        drain(ingester)
+        yield ingester
+    finally:
+        ingester.close()
+
+
 def remote(store: Path, ingester: IngesterProcess) -> RemoteReader:
     """The query endpoint of that ingester process (not a stale file of a killed one)."""
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +111,7 @@ def test_secret_never_reaches_the_audit_store(
 ) -> None:
     from audit.config import STREAM
     from audit.emitter import AuditMiddleware
-    from audit.ingester import Ingester
-    from tests.audit_fixtures import chdb_available, redis_for_test
+    from tests.audit_fixtures import chdb_available, drained_ingester, redis_for_test
 
     chdb_available()
     spellings = [SECRET, base64.b64encode(SECRET.encode()).decode().rstrip("=")]
@@ -130,15 +128,7 @@ def test_secret_never_reaches_the_audit_store(
         stream = b"".join(f[b"e"] for _, f in rs.client().xrange(STREAM)).decode()
         assert stream and all(s not in stream for s in spellings)
         mw.close()
-        ingester = Ingester(
-            rs.url(), f"chdb://{tmp_path}/store", batch_age_s=0.1, serve_queries=False
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                ingester.run_once()
-                if ingester.lag() == {"stream_length": 0, "pending": 0} and not ingester._buf:
-                    break
+        with drained_ingester(rs.url(), tmp_path / "store") as ingester:
             db = ingester.client
             rows = db.query("SELECT count() FROM actionfleet.action_results").result_rows
             assert rows == [(2,)]
@@ -148,8 +138,6 @@ def test_secret_never_reaches_the_audit_store(
                 )
                 for s in spellings:
                     assert s not in text, f"secret found in {table}"
-        finally:
-            ingester.close()
 
 
 # ------------------------------------------------------------------ end to end

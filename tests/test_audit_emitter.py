@@ -17,11 +17,10 @@ import pytest
 
 from audit.config import STREAM
 from audit.emitter import AuditMiddleware
-from audit.ingester import Ingester
 from tests.audit_fixtures import (
     SECRETS,
     action,
-    drain,
+    drained_ingester,
     make_pipeline,
     redis_for_test,
     run_action,
@@ -121,11 +120,7 @@ def test_secret_never_reaches_any_clickhouse_column(tmp_path: Path) -> None:
         for s in spellings:
             assert s not in stream_text
         mw.close()
-        ingester = Ingester(
-            rs.url(), f"chdb://{tmp_path}/store", batch_age_s=0.1, serve_queries=False
-        )
-        try:
-            drain(ingester)
+        with drained_ingester(rs.url(), tmp_path / "store") as ingester:
             db = ingester.client
             for table in ("audit_events", "action_results"):
                 text = json.dumps(
@@ -136,5 +131,3 @@ def test_secret_never_reaches_any_clickhouse_column(tmp_path: Path) -> None:
                     assert s not in text, f"{s!r} found in {table}"
             msg = db.query("SELECT error_message FROM actionfleet.action_results").result_rows
             assert msg == [("upstream said: bad credentials [REDACTED]",)]
-        finally:
-            ingester.close()

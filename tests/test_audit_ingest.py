@@ -20,12 +20,12 @@ import pytest
 from audit import reports
 from audit.config import DEAD_STREAM, GROUP, STREAM
 from audit.emitter import AuditMiddleware
-from audit.ingester import Ingester
 from audit.store import ClientReader
 from tests.audit_fixtures import (
     IngesterProcess,
     action,
     drain,
+    drained_ingester,
     emit_actions,
     make_pipeline,
     redis_for_test,
@@ -62,15 +62,7 @@ def test_every_stage_lands_for_each_outcome(tmp_path: Path) -> None:
         assert mw.flush(10)
         mw.close()
 
-        ingester = Ingester(
-            rs.url(),
-            f"chdb://{tmp_path}/store",
-            batch_size=50,
-            batch_age_s=0.1,
-            serve_queries=False,
-        )
-        try:
-            drain(ingester)
+        with drained_ingester(rs.url(), tmp_path / "store", batch_size=50) as ingester:
             db = ClientReader(ingester.client, own=False)
             expected_stages = {
                 "succeeded": ["received", "policy", "started", "finished"],
@@ -114,8 +106,6 @@ def test_every_stage_lands_for_each_outcome(tmp_path: Path) -> None:
             assert ids == sorted(ids)
             versions = db.query("SELECT version FROM actionfleet.schema_migrations").rows
             assert versions == [[1]]
-        finally:
-            ingester.close()
 
 
 # ------------------------------------------------------------------- exactly once
@@ -223,11 +213,7 @@ def test_a_duplicate_delivery_is_audited_but_not_billed_twice(tmp_path: Path) ->
         )
         assert mw.flush(10)
         mw.close()
-        ingester = Ingester(
-            rs.url(), f"chdb://{tmp_path}/store", batch_age_s=0.1, serve_queries=False
-        )
-        try:
-            drain(ingester)
+        with drained_ingester(rs.url(), tmp_path / "store") as ingester:
             db = ClientReader(ingester.client, own=False)
             aid = raw["action_id"]
             decisions = scalar(
@@ -239,8 +225,6 @@ def test_a_duplicate_delivery_is_audited_but_not_billed_twice(tmp_path: Path) ->
             assert decisions == ["allow", "duplicate"]
             n = f"SELECT count() FROM actionfleet.action_results WHERE action_id = '{aid}'"
             assert scalar(db, n) == 1
-        finally:
-            ingester.close()
 
 
 # ------------------------------------------------------------- store unavailable
@@ -289,16 +273,10 @@ def test_unreachable_server_dsn_keeps_backlog_then_drains(tmp_path: Path) -> Non
         finally:
             ing.stop()
         # The store returns (here: the configured store is reachable again).
-        ingester = Ingester(
-            rs.url(), f"chdb://{tmp_path}/store", batch_age_s=0.1, serve_queries=False
-        )
-        try:
-            drain(ingester)
+        with drained_ingester(rs.url(), tmp_path / "store") as ingester:
             assert ingester.client.query(
                 "SELECT count() FROM actionfleet.audit_events"
             ).result_rows == [(400,)]
-        finally:
-            ingester.close()
 
 
 # ----------------------------------------------------------------- dead letters
@@ -329,15 +307,7 @@ def test_malformed_entries_dead_lettered_and_ingestion_continues(tmp_path: Path)
         for fields in bad_entries:
             r.xadd(STREAM, fields)
         emit_actions(rs.url(), tmp_path / "spool", 5)  # after the bad ones
-        ingester = Ingester(
-            rs.url(),
-            f"chdb://{tmp_path}/store",
-            batch_size=1000,
-            batch_age_s=0.1,
-            serve_queries=False,
-        )
-        try:
-            drain(ingester)
+        with drained_ingester(rs.url(), tmp_path / "store", batch_size=1000) as ingester:
             rows = ingester.client.query("SELECT count() FROM actionfleet.audit_events").result_rows
             assert rows == [(40,)]
             dead = r.xrange(DEAD_STREAM)
@@ -355,5 +325,3 @@ def test_malformed_entries_dead_lettered_and_ingestion_continues(tmp_path: Path)
             drain(ingester)
             rows = ingester.client.query("SELECT count() FROM actionfleet.audit_events").result_rows
             assert rows == [(48,)]
-        finally:
-            ingester.close()

@@ -16,13 +16,12 @@ import pytest
 from audit import reports
 from audit.config import STREAM
 from audit.emitter import AuditMiddleware
-from audit.ingester import Ingester
 from audit.store import connect, migrate
 from tests.audit_fixtures import (
     ROOT,
     IngesterProcess,
     action,
-    drain,
+    drained_ingester,
     emit_actions,
     make_pipeline,
     redis_for_test,
@@ -76,11 +75,7 @@ def test_canned_reports_on_a_seeded_workload(tmp_path: Path) -> None:
             _emit_at(mw, make_pipeline(mw), raw, last_month)
         assert mw.flush(10)
         mw.close()
-        ingester = Ingester(
-            rs.url(), f"chdb://{tmp_path}/store", batch_age_s=0.1, serve_queries=False
-        )
-        try:
-            drain(ingester)
+        with drained_ingester(rs.url(), tmp_path / "store") as ingester:
             db = ingester.client
             usage = reports.usage(db, now.strftime("%Y-%m"))
             by_tenant = {u["tenant_id"]: u for u in usage}
@@ -112,8 +107,6 @@ def test_canned_reports_on_a_seeded_workload(tmp_path: Path) -> None:
             assert "finished=9" in text and "denied=1" in text
             with pytest.raises(ValueError):
                 reports.usage(db, "2026-13")
-        finally:
-            ingester.close()
 
 
 # ---------------------------------------------------------------- CLI while running
