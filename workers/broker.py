@@ -81,14 +81,6 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 _RESCORE_AFTER_S = 1.0
 
 
-def _resp(*args: bytes) -> bytes:
-    """One command in the Redis protocol."""
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        out += (b"$%d\r\n" % len(a), a, b"\r\n")
-    return b"".join(out)
-
-
 class QoS(kombu_redis.QoS):
     def ack(self, delivery_tag: str) -> None:
         channel = self.channel
@@ -141,8 +133,8 @@ class Channel(kombu_redis.Channel):
             self._noack_queues.add(queue)
         return super().basic_consume(queue, *args, **kwargs)
 
-    def _fetch_command(self) -> bytes | None:
-        """The FETCH call for the queues' next turn, as RESP bytes; None: use BRPOP."""
+    def _fetch_command(self) -> list[bytes] | None:
+        """The FETCH call for the queues' next turn, but its clock argument; None: BRPOP."""
         if not (self._try_fetch and self.ack_emulation) or self.global_keyprefix:
             return None
         queues = tuple(self._queue_cycle.consume(len(self.active_queues)))
@@ -154,7 +146,7 @@ class Channel(kombu_redis.Channel):
             head = ("EVALSHA", _FETCH_SHA, str(len(keys) + 2))
             idx = (self.unacked_index_key, self.unacked_key)
             args = self._fetch_args[queues] = [a.encode() for a in (*head, *idx, *keys)]
-        return _resp(*args, repr(time()).encode())
+        return args
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         command = self._fetch_command()
@@ -170,7 +162,7 @@ class Channel(kombu_redis.Channel):
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
         self._fetch_sent = True
-        self.client.connection.send_packed_command([command])
+        self.client.connection.send_command(*command, time())
 
     def _brpop_read(self, **options: Any) -> bool:
         if not self._fetch_sent:
