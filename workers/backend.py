@@ -68,7 +68,7 @@ _ORJSON_PASSTHROUGH = (
 
 @dataclass(frozen=True, slots=True)
 class Rider:
-    """A Lua script to run in the same transaction as the next stored result."""
+    """A Lua script to run in the same script call as the next stored result."""
 
     script: str
     keys: tuple[str, ...]
