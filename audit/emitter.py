@@ -49,7 +49,7 @@ class AuditMiddleware(Middleware):
         chunk: int = 500,
         redis_timeout_s: float = 2.0,
         close_timeout_s: float = 5.0,
-        linger_s: float = 0.02,
+        linger_s: float = 0.1,
     ) -> None:
         self.redis_url = redis_url
         self.stream = stream

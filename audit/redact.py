@@ -96,6 +96,23 @@ def _is_sensitive(key: str, names: frozenset[str]) -> bool:
     )
 
 
+def _walk_plain(obj: Any, names: frozenset[str]) -> Any:
+    """``_walk`` with no secrets in play (the common case): only sensitive names apply,
+    so strings and numbers pass through as they are."""
+    if isinstance(obj, dict):
+        return {
+            str(k): MASK if is_sensitive(str(k), names) else _walk_plain(v, names)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [_walk_plain(v, names) for v in obj]
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", errors="replace")
+    if obj is None or isinstance(obj, str | bool | int | float):
+        return obj
+    return str(obj)
+
+
 def _walk(obj: Any, names: frozenset[str], scrubber: Scrubber) -> Any:
     if isinstance(obj, dict):
         out: dict[str, Any] = {}
@@ -123,6 +140,18 @@ def _cut(text: str, max_bytes: int) -> tuple[str, bool]:
     return raw[:max_bytes].decode("utf-8", errors="ignore"), True
 
 
+def _names(fields: Iterable[str]) -> frozenset[str]:
+    # The emitter passes the same frozenset for every event: normalize it once.
+    if isinstance(fields, frozenset):
+        return _lowered(fields)
+    return frozenset(n.lower() for n in fields)
+
+
+@functools.lru_cache(maxsize=16)
+def _lowered(fields: frozenset[str]) -> frozenset[str]:
+    return frozenset(n.lower() for n in fields)
+
+
 def redact(
     payload: Any,
     secrets: Iterable[str] | Scrubber = (),
@@ -131,8 +160,8 @@ def redact(
 ) -> Redacted:
     """Redacted, size-capped preview of a JSON-able payload plus its sha256 and size."""
     scrubber = secrets if isinstance(secrets, Scrubber) else Scrubber(secrets)
-    names = frozenset(n.lower() for n in sensitive_fields)
-    clean = _walk(payload, names, scrubber)
+    names = _names(sensitive_fields)
+    clean = _walk(payload, names, scrubber) if scrubber else _walk_plain(payload, names)
     canonical = json.dumps(
         clean, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
     )

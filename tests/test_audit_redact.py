@@ -47,6 +47,25 @@ def test_secret_values_are_masked_everywhere_in_every_spelling() -> None:
     assert redact({"pin": 4321}, ["4321"]).preview == '{"pin":"[REDACTED]"}'
 
 
+def test_no_secret_fast_path_redacts_like_the_scrubbing_walk() -> None:
+    # Without secrets in play redact() takes a walk that skips the scrubber; with a secret
+    # that occurs nowhere it takes the full one. Both must write the same bytes.
+    payload = {
+        "headers": {"Authorization": "Bearer abc", "Accept": "json"},
+        "items": [1, 2.5, None, True, ("t", b"raw \xff bytes"), {"password": 1}],
+        "set": frozenset({"only"}),
+        7: "int key",
+        "obj": uuid.UUID(int=5),
+        "text": "plain é",
+    }
+    fast = redact(payload)
+    full = redact(payload, ["never-appears-anywhere"])
+    assert fast == full
+    data = json.loads(fast.preview)
+    assert data["headers"]["Authorization"] == MASK and data["items"][5] == {"password": MASK}
+    assert data["items"][4] == ["t", "raw \ufffd bytes"] and data["7"] == "int key"
+
+
 def test_large_payloads_are_truncated_and_hashed_in_full() -> None:
     payload = {"stdout": "é" * 10_000}
     red = redact(payload, max_bytes=1_001)
