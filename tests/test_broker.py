@@ -201,3 +201,86 @@ def test_an_ack_is_one_script_call_on_one_client(url: str, redis_server: RedisSe
         second = channel._create_client()
         assert second is not first and second.connection_pool is channel.pool
     assert _queued(client) == []
+
+
+def _looped(url: str) -> tuple[Connection, Any]:
+    """A consumer driven by kombu's event loop, as in a Celery worker (prefetch 1)."""
+    from kombu.asynchronous import Hub
+
+    hub = Hub()
+    conn = _connect(url)
+    conn.transport.register_with_event_loop(conn.connection, hub)
+    return conn, hub
+
+
+def _turns(hub: Any, until: Any, limit: int = 200) -> None:
+    for _ in range(limit):
+        if until():
+            return
+        hub.call_later(0.01, lambda: None)  # bound the loop's wait for a reply
+        hub.run_once()
+    raise AssertionError("the loop did not get there")
+
+
+def test_in_a_loop_an_ack_rides_with_the_next_fetch(url: str, redis_server: RedisServer) -> None:
+    client = redis_server.client(DB)
+    n = 6
+    _publish(url, *({"n": i} for i in range(n)))
+    conn, hub = _looped(url)
+    received: list[Any] = []
+
+    def on_message(message: Any) -> None:
+        received.append(message.decode()["n"])
+        message.ack()  # as Celery does when the task returns
+
+    try:
+        channel = conn.channel()
+        channel.basic_qos(prefetch_count=1)
+        channel.basic_consume(QUEUE, no_ack=False, callback=on_message, consumer_tag="t")
+        before = _evalsha_calls(client)
+        _turns(hub, lambda: len(received) == n and client.hlen("unacked") == 0)
+        assert received == list(range(n))
+        # n fetches plus the one that found the queue empty, and no ACK call: each ack
+        # was applied by the fetch that followed it (before, 2 script calls per message).
+        assert _evalsha_calls(client) - before <= n + 1
+        assert client.zcard("unacked_index") == 0 and _queued(client) == []
+    finally:
+        conn.close()
+
+
+def test_an_ack_no_fetch_carries_is_sent_before_the_loop_waits(
+    url: str, redis_server: RedisServer
+) -> None:
+    client = redis_server.client(DB)
+    _publish(url, {"n": 1}, {"n": 2})
+    conn, hub = _looped(url)
+    received: list[Any] = []
+    try:
+        channel = conn.channel()
+        channel.basic_qos(prefetch_count=1)
+        channel.basic_consume(QUEUE, no_ack=False, callback=received.append, consumer_tag="t")
+        _turns(hub, lambda: len(received) == 1)
+        # The consumer is cancelled (a worker told to stop consuming): no fetch follows.
+        channel.basic_cancel("t")
+        received[0].ack()
+        assert client.hlen("unacked") == 1  # still pending in the worker ...
+        hub.run_once()  # ... until the loop's next turn, before it waits
+        assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+        assert len(_queued(client)) == 1  # the other message was never fetched
+    finally:
+        conn.close()
+
+
+def test_acks_pending_at_close_are_sent(url: str, redis_server: RedisServer) -> None:
+    client = redis_server.client(DB)
+    _publish(url, {"n": 1})
+    conn, hub = _looped(url)
+    received: list[Any] = []
+    channel = conn.channel()
+    channel.basic_qos(prefetch_count=1)
+    channel.basic_consume(QUEUE, no_ack=False, callback=received.append, consumer_tag="t")
+    _turns(hub, lambda: len(received) == 1)
+    received[0].ack()
+    assert client.hlen("unacked") == 1
+    conn.close()  # warm shutdown: no further turn of the loop
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0

@@ -15,9 +15,14 @@ so a worker whose fetch found every list empty waits with BRPOP as before, and g
 back to the script after that one message: the only delivery still exposed is the
 first one an idle worker receives (docs/reliability.md).
 
-An ack is one script call (``ACK``) instead of kombu's MULTI/ZREM/HDEL/EXEC, on one
-cached client per connection pool instead of a new ``redis.Redis`` per ack: together a
-sixth of the worker's CPU per trivial action (benchmarks/README.md).
+An ack costs no round trip of its own in a worker: it is applied in Redis by the next
+``FETCH``, which removes the acknowledged tags before it pops (the worker asks for its
+next message right after an ack frees a prefetch slot, in the same turn of the event
+loop). Acks that no fetch carries in that turn -- the consumer was cancelled, or a BRPOP
+is waiting -- are sent by one ``ACK`` script call before the loop polls again, so an ack
+is never held across a wait. Without an event loop (plain ``drain_events``) each ack is
+sent at once. kombu's ack is MULTI/ZREM/HDEL/EXEC on a new ``redis.Redis`` per ack: a
+sixth of the worker's CPU per trivial action, then one round trip (benchmarks/README.md).
 
 ``install_transport`` (called by ``workers.app``) makes it the transport of ``redis://``
 and ``rediss://`` URLs in the worker process. Registering it under those names, rather
@@ -28,7 +33,9 @@ without acknowledgements (pidbox replies) and a ``global_keyprefix`` keep plain 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 from queue import Empty
 from time import monotonic, time
 from typing import Any
@@ -42,13 +49,20 @@ from kombu.utils.json import loads
 
 from workers.pinned_script import PinnedScript
 
-__all__ = ["FETCH", "Channel", "QoS", "Transport", "install_transport"]
+__all__ = ["FETCH", "Channel", "Poller", "QoS", "Transport", "install_transport"]
+
+log = logging.getLogger(__name__)
 
 # KEYS: unacked_index, unacked, then the queue lists in BRPOP's order (priority first).
-# ARGV[1]: now (unix s, the worker's clock, as kombu scores its own entries).
+# ARGV[1]: now (unix s, the worker's clock, as kombu scores its own entries); ARGV[2..]:
+# delivery tags acknowledged since the last fetch, removed first (what ACK does).
 # Pops the first message and records it exactly as kombu's QoS.append would:
 # unacked[tag] = [message, exchange, routing_key], unacked_index[tag] = now.
 FETCH = """
+if #ARGV > 1 then
+  redis.call('ZREM', KEYS[1], unpack(ARGV, 2))
+  redis.call('HDEL', KEYS[2], unpack(ARGV, 2))
+end
 for i = 3, #KEYS do
   local item = redis.call('RPOP', KEYS[i])
   if item then
@@ -68,12 +82,15 @@ return false
 """
 _FETCH_SHA = hashlib.sha1(FETCH.encode()).hexdigest()
 
-# KEYS: unacked_index, unacked; ARGV[1]: the delivery tag. kombu's ack is the same two
-# writes in a MULTI/EXEC pipeline: four commands where one script call does.
+# KEYS: unacked_index, unacked; ARGV: delivery tags. kombu's ack is the same two writes
+# in a MULTI/EXEC pipeline: four commands where one script call does.
 ACK = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[1], unpack(ARGV))
+redis.call('HDEL', KEYS[2], unpack(ARGV))
 """
+# Tags per ACK call: far above what a worker acknowledges in one turn of its loop (its
+# prefetch), low enough for Lua's unpack.
+_ACK_CHUNK = 512
 
 # A fetched message whose reply waited longer than this in the socket (the worker was
 # out of credit) gets its unacked score refreshed, so the visibility timeout counts from
@@ -86,11 +103,9 @@ class QoS(kombu_redis.QoS):
         channel = self.channel
         if channel.global_keyprefix:  # the prefixing client does not rewrite script keys
             return super().ack(delivery_tag)
-        with channel.conn_or_acquire() as client:
-            script = channel._ack_script
-            if script is None or script.client is not client:
-                script = channel._ack_script = PinnedScript(client, ACK)
-            script(keys=(self.unacked_index_key, self.unacked_key), args=(delivery_tag,))
+        channel._acks.append(delivery_tag)
+        if not channel.connection.cycle.ticking:  # no loop turn to carry it: send now
+            channel.flush_acks()
         return VirtualQoS.ack(self, delivery_tag)
 
     def append(self, message: Any, delivery_tag: str) -> None:
@@ -116,6 +131,35 @@ class Channel(kombu_redis.Channel):
         self._fetch_args: dict[tuple[str, ...], list[bytes]] = {}
         self._sync_client: redis_py.Redis | None = None
         self._ack_script: PinnedScript | None = None
+        self._acks: list[str] = []  # acknowledged here, not yet in Redis
+        self._fetch_acks: list[str] = []  # carried by the FETCH whose reply is pending
+
+    def flush_acks(self) -> None:
+        """Send the acks no FETCH carried, in ``ACK`` script calls."""
+        if self._fetch_acks and not self._in_poll:  # that FETCH's reply was never read
+            self._acks[:0], self._fetch_acks = self._fetch_acks, []
+        while self._acks:
+            tags = self._acks[:_ACK_CHUNK]
+            with self.conn_or_acquire() as client:
+                script = self._ack_script
+                if script is None or script.client is not client:
+                    script = self._ack_script = PinnedScript(client, ACK)
+                script(keys=(self.qos.unacked_index_key, self.qos.unacked_key), args=tags)
+            del self._acks[: len(tags)]
+
+    def close(self) -> None:
+        if not self.closed and (self._acks or self._fetch_acks):
+            errors = (*self.connection_errors, redis_py.RedisError)
+            if self._in_poll:  # the pending reply first, as kombu's close reads it too
+                with contextlib.suppress(Empty, *errors):
+                    self._brpop_read()
+            try:
+                self.flush_acks()
+            except errors:
+                # Still recorded as unacknowledged: back after the visibility timeout,
+                # and answered from the stored result, not run again.
+                log.warning("%d acks not sent before close", len(self._acks))
+        super().close()
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         # kombu builds a new redis.Redis (with its table of ~200 response callbacks) for
@@ -159,10 +203,14 @@ class Channel(kombu_redis.Channel):
             with self.conn_or_acquire() as client:
                 client.script_load(FETCH)
             self._script_loaded = True
+        if self._fetch_acks:  # that FETCH's reply was dropped (reconnect): send again
+            self._acks[:0], self._fetch_acks = self._fetch_acks, []
+        acks = self._fetch_acks = self._acks[:_ACK_CHUNK]
+        del self._acks[: len(acks)]
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
         self._fetch_sent = True
-        self.client.connection.send_command(*command, time())
+        self.client.connection.send_command(*command, time(), *acks)
 
     def _brpop_read(self, **options: Any) -> bool:
         if not self._fetch_sent:
@@ -174,14 +222,18 @@ class Channel(kombu_redis.Channel):
             try:
                 reply = self.client.connection.read_response()
             except self.connection_errors:
+                # Applied or not, the acks are sent again (removing a tag twice is a no-op).
+                self._acks[:0], self._fetch_acks = self._fetch_acks, []
                 self.client.connection.disconnect()
                 raise
             except redis_py.ResponseError as exc:
+                self._acks[:0], self._fetch_acks = self._fetch_acks, []
                 # The script is gone (a restarted Redis) or refused (e.g. a full Redis
                 # without eviction): BRPOP takes this message, the next fetch loads it.
                 self._try_fetch = False
                 self._script_loaded = not isinstance(exc, redis_py.exceptions.NoScriptError)
                 raise Empty() from None
+            self._fetch_acks = []
             if not reply:
                 self._try_fetch = False  # every list empty: wait with BRPOP
                 raise Empty()
@@ -199,8 +251,26 @@ class Channel(kombu_redis.Channel):
             self._flush_brpop_reauth()
 
 
+class Poller(kombu_redis.MultiChannelPoller):
+    ticking = False  # driven by an event loop: acks wait for the end of the loop's turn
+
+    def on_poll_start(self) -> None:
+        super().on_poll_start()  # sends each channel's next FETCH, which carries its acks
+        for channel in self._channels:
+            if getattr(channel, "_acks", None):
+                channel.flush_acks()
+
+
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = Poller()
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)
+        self.cycle.ticking = True
 
 
 def install_transport() -> None:
