@@ -27,6 +27,16 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU-seconds all CPUs spent running something since boot (user, nice, system, irq,
+    softirq; not idle, iowait or steal: time the hypervisor gave to other guests)."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(parts[:3]) + parts[5] + parts[6]) / CLK_TCK
+
+
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]

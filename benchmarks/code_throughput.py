@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import ROOT, celery_worker, pct, redis_server  # noqa: F401
+from _common import ROOT, celery_worker, machine_busy_s, pct, redis_server  # noqa: F401
 
 ACTION = {
     "primitive": "code",
@@ -33,9 +33,6 @@ ACTION = {
     "agent_id": "bench",
     "payload": {"language": "python", "source": "print(1)"},
 }
-
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -47,13 +44,6 @@ class Subject:
     busy: float  # share of all CPUs busy during the timed run
     pooled: int  # containers the warm pool created during the timed run
     cold: int  # containers created on the cold path during the timed run
-
-
-def _machine_busy() -> float:
-    """CPU-seconds all CPUs spent running something since boot (user, nice, system, irq,
-    softirq; not idle, iowait or steal: time the hypervisor gave to other guests)."""
-    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(parts[:3]) + parts[5] + parts[6]) / CLK_TCK
 
 
 class CreateCounter:
@@ -114,12 +104,12 @@ def throughput(url: str, n: int, concurrency: int, pool_size: int, label: str) -
             list(ex.map(one, range(concurrency * 3)))
         time.sleep(1.0)
         counter = CreateCounter()
-        busy = _machine_busy()
+        busy = machine_busy_s()
         started = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as ex:
             samples = list(ex.map(one, range(n)))
         seconds = time.perf_counter() - started
-        busy = _machine_busy() - busy
+        busy = machine_busy_s() - busy
         pooled, cold = counter.close()
         client.close()
     cores = os.cpu_count() or 1

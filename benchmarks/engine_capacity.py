@@ -51,11 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT  # noqa: F401  (puts the project on sys.path)
+from _common import CLK_TCK, ROOT, machine_busy_s  # noqa: F401  (ROOT: the project on sys.path)
 
 BENCH_LABEL = "actionfleet.bench"
 STEPS = ("create", "attach", "start", "frame", "remove")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -104,17 +103,10 @@ def _proc_cpu(pid: int | None) -> float:
     return sum(int(x) for x in fields[11:15]) / CLK_TCK
 
 
-def _machine_busy() -> float:
-    """CPU-seconds all CPUs spent running something since boot (user, nice, system, irq,
-    softirq; not idle, iowait or steal: time the hypervisor gave to other guests)."""
-    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(parts[:3]) + parts[5] + parts[6]) / CLK_TCK
-
-
 def _cpu_snapshot() -> dict[str, float]:
     own = os.times()
     return {
-        "machine": _machine_busy(),
+        "machine": machine_busy_s(),
         "dockerd": _proc_cpu(_pid_of("dockerd")),
         "containerd": _proc_cpu(_pid_of("containerd")),
         "client": own.user + own.system,

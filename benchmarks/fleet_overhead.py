@@ -24,6 +24,7 @@ then hits one pair instead of every run of one side.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -31,7 +32,16 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from _common import WORKER_PIDS, celery_worker, children, pct, redis_server, rss_mb, timed
+from _common import (
+    WORKER_PIDS,
+    celery_worker,
+    children,
+    machine_busy_s,
+    pct,
+    redis_server,
+    rss_mb,
+    timed,
+)
 
 POLICY = """
 version: 1
@@ -89,12 +99,15 @@ def drain(
     priorities: bool,
     publish: Callable[[], list],
     check: Callable[[object], None],
+    cores: list[float] | None = None,
 ) -> float:
-    """Actions/s of the workers ``names`` emptying a queue filled while they were idle."""
+    """Actions/s of the workers ``names`` emptying a queue filled while they were idle;
+    ``cores`` gets how many CPUs of the machine were busy meanwhile (anyone's work)."""
     control = app.control  # type: ignore[attr-defined]
     control.cancel_consumer(queue, destination=names, reply=True)
     handles = publish()
     keys = queue_keys(queue, priorities)
+    busy = machine_busy_s()
     start = time.perf_counter()
     control.add_consumer(queue, destination=names, reply=True)
     while True:
@@ -103,6 +116,8 @@ def drain(
             break
         time.sleep(min(0.05, max(0.002, left / FASTEST_PER_S)))
     elapsed = time.perf_counter() - start - 0.002  # stays_empty's two 1 ms looks
+    if cores is not None:
+        cores.append((machine_busy_s() - busy) / elapsed)
     for h in handles:  # outside the clock: every one finished, and as expected
         check(h)
     return len(handles) / elapsed
@@ -230,7 +245,8 @@ def main() -> None:
         # bare Celery measured the same way shows what this machine allows.
         def scale_out(
             app: str, queue: str, publish: Callable[[], list], check: Callable[[object], None]
-        ) -> tuple[list[float], list[float], list[float]]:
+        ) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
+            cores: tuple[list[float], list[float]] = ([], [])
             with ExitStack() as stack:
                 names = [
                     stack.enter_context(celery_worker(app, queue, url, 1, tag=f"-s{i}", **env))
@@ -240,13 +256,14 @@ def main() -> None:
 
                 def one_worker() -> float:
                     noop.control.cancel_consumer(queue, destination=names[1:], reply=True)
-                    return drain(noop, r, queue, names[:1], prio, publish, check)
+                    return drain(noop, r, queue, names[:1], prio, publish, check, cores[0])
 
-                return paired(
+                result = paired(
                     args.scale_repeat,
                     one_worker,
-                    lambda: drain(noop, r, queue, names, prio, publish, check),
+                    lambda: drain(noop, r, queue, names, prio, publish, check, cores[1]),
                 )
+                return (*result, *cores)
 
         scale = {
             "fleet files stat": scale_out("workers.app", "actions.files", stat_all, fleet_ok),
@@ -275,11 +292,18 @@ def main() -> None:
             f"latency {label:<24} p50 {pct(samples, 0.5):7.2f} ms  p90 {pct(samples, 0.9):7.2f} ms"
             f"  p50/bare {pct(samples, 0.5) / b50:5.2f}"
         )
-    for label, (one, two, ratios) in scale.items():
+    for label, (one, two, ratios, cores1, cores2) in scale.items():
+        c1, c2 = statistics.median(cores1), statistics.median(cores2)
         print(
             f"scale-out (drain, concurrency 1), {label}: 1 worker process"
             f" {statistics.median(one):.1f}/s, 2 worker processes {statistics.median(two):.1f}/s,"
             f" x{statistics.median(ratios):.2f}   pairs {' '.join(f'{x:.2f}' for x in ratios)}"
+        )
+        # At equal CPU per action the ratio cannot pass the ratio of busy CPUs: a worker
+        # that already keeps more than one core busy leaves less for a second one.
+        print(
+            f"    CPUs busy: 1 worker {c1:.2f}, 2 workers {c2:.2f} of {os.cpu_count()}"
+            f" (x{c2 / c1:.2f} at equal CPU per action)"
         )
     print("resident memory: " + ", ".join(mem))
 
