@@ -193,6 +193,8 @@ class Channel(kombu_redis.Channel):
         return args
 
     def _brpop_start(self, timeout: float | None = None) -> None:
+        if self._fetch_acks:  # a FETCH whose reply a reconnect dropped: send its acks again
+            self._acks[:0], self._fetch_acks = self._fetch_acks, []
         command = self._fetch_command()
         if command is None:
             # Also after a FETCH whose reply a reconnect dropped: a BRPOP reply has the
@@ -203,8 +205,6 @@ class Channel(kombu_redis.Channel):
             with self.conn_or_acquire() as client:
                 client.script_load(FETCH)
             self._script_loaded = True
-        if self._fetch_acks:  # that FETCH's reply was dropped (reconnect): send again
-            self._acks[:0], self._fetch_acks = self._fetch_acks, []
         acks = self._fetch_acks = self._acks[:_ACK_CHUNK]
         del self._acks[: len(acks)]
         self._in_poll = self.client.connection
