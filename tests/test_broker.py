@@ -11,7 +11,6 @@ import select
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ import redis
 from kombu import Connection, Exchange, Producer, Queue
 
 from producer.transport import REDIS_PRIORITY_STEPS, redis_queue_keys
-from tests.conftest import RedisServer, start_redis
+from tests.conftest import RedisServer
 
 DB = 15
 QUEUE = "actions.test"
@@ -285,42 +284,3 @@ def test_acks_pending_at_close_are_sent(url: str, redis_server: RedisServer) -> 
     assert client.hlen("unacked") == 1
     conn.close()  # warm shutdown: no further turn of the loop
     assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
-
-
-def test_unstarted_messages_go_back_to_the_queue_after_a_redis_restart(
-    tmp_path: Path,
-) -> None:
-    # A worker that loses Redis puts back what it fetched but did not start; with Redis
-    # away that fails, and the messages would wait in ``unacked`` for the whole
-    # visibility timeout. The process's next connection puts them back instead.
-    server = start_redis(tmp_path / "redis", appendonly=True)
-    url = server.url(DB)
-    try:
-        _publish(url, {"n": 1})
-        conn, hub = _looped(url)
-        received: list[Any] = []
-        channel = conn.channel()
-        channel.basic_qos(prefetch_count=2)
-        channel.basic_consume(QUEUE, no_ack=False, callback=received.append, consumer_tag="t")
-        _turns(hub, lambda: len(received) == 1)  # delivered, never started nor acked
-        server.proc.terminate()  # a clean shutdown writes the append-only file
-        server.proc.wait(10)
-        with contextlib.suppress(redis.ConnectionError):
-            conn.close()  # the consumer's restart: kombu's restore cannot reach Redis
-        server = start_redis(tmp_path / "redis", appendonly=True, port=server.port)
-        client = server.client(DB)
-        assert _queued(client) == [] and client.hlen("unacked") == 1
-        again: list[Any] = []
-        conn, hub = _looped(url)  # the consumer reconnected
-        try:
-            channel = conn.channel()
-            channel.basic_consume(QUEUE, no_ack=False, callback=again.append, consumer_tag="t")
-            _turns(hub, lambda: len(again) == 1)
-            assert again[0].decode() == {"n": 1}
-            again[0].ack()
-        finally:
-            conn.close()
-        assert client.hlen("unacked") == 0 and _queued(client) == []
-    finally:
-        server.proc.terminate()
-        server.proc.wait(10)

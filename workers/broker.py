@@ -92,10 +92,6 @@ redis.call('HDEL', KEYS[2], unpack(ARGV))
 # prefetch), low enough for Lua's unpack.
 _ACK_CHUNK = 512
 
-# Delivered-but-unstarted messages a lost connection kept from going back to their queue,
-# per broker: the tags stay in ``unacked`` with the message, and ``Poller`` restores them.
-_to_restore: dict[str, set[str]] = {}
-
 # A fetched message whose reply waited longer than this in the socket (the worker was
 # out of credit) gets its unacked score refreshed, so the visibility timeout counts from
 # when the worker took it, as with kombu's own record.
@@ -111,20 +107,6 @@ class QoS(kombu_redis.QoS):
         if not channel.connection.cycle.ticking:  # no loop turn to carry it: send now
             channel.flush_acks()
         return VirtualQoS.ack(self, delivery_tag)
-
-    def restore_unacked(self, client: Any = None) -> Any:
-        # At channel close kombu puts back what was delivered but not started. When the
-        # close comes from a lost connection (a Redis restart), that fails and the
-        # messages would wait in ``unacked`` for the whole visibility timeout: keep their
-        # tags, and the next connection of this process puts them back (Poller).
-        tags = list(self._delivered)
-        try:
-            return super().restore_unacked(client)
-        except (*self.channel.connection_errors, redis_py.RedisError):
-            _to_restore.setdefault(self.channel.broker_id, set()).update(tags)
-            self._delivered.clear()
-            log.warning("%d unstarted messages go back to the queue once Redis answers", len(tags))
-            return None
 
     def append(self, message: Any, delivery_tag: str) -> None:
         fetched_at = self.channel._fetched.pop(delivery_tag, None)
@@ -151,20 +133,6 @@ class Channel(kombu_redis.Channel):
         self._ack_script: PinnedScript | None = None
         self._acks: list[str] = []  # acknowledged here, not yet in Redis
         self._fetch_acks: list[str] = []  # carried by the FETCH whose reply is pending
-
-    @property
-    def broker_id(self) -> str:
-        kwargs = self.client.connection_pool.connection_kwargs
-        return f"{kwargs.get('host')}:{kwargs.get('port')}:{kwargs.get('path')}/{kwargs.get('db')}"
-
-    def restore_pending(self) -> None:
-        """Put back the messages a lost connection left in ``unacked`` (``QoS``)."""
-        tags = _to_restore.get(self.broker_id, set())
-        while tags:
-            tag = next(iter(tags))
-            self.qos.restore_by_tag(tag)  # a no-op for a tag no longer in ``unacked``
-            tags.discard(tag)
-        _to_restore.pop(self.broker_id, None)
 
     def flush_acks(self) -> None:
         """Send the acks no FETCH carried, in ``ACK`` script calls."""
@@ -291,11 +259,6 @@ class Poller(kombu_redis.MultiChannelPoller):
         for channel in self._channels:
             if getattr(channel, "_acks", None):
                 channel.flush_acks()
-            if _to_restore and channel.active_queues:
-                try:
-                    channel.restore_pending()
-                except (*channel.connection_errors, redis_py.RedisError):
-                    pass  # still away: the next turn tries again
 
 
 class Transport(kombu_redis.Transport):
