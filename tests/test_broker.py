@@ -284,3 +284,23 @@ def test_acks_pending_at_close_are_sent(url: str, redis_server: RedisServer) -> 
     assert client.hlen("unacked") == 1
     conn.close()  # warm shutdown: no further turn of the loop
     assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+
+
+def test_an_ack_after_the_channel_closed_is_sent_at_once(
+    url: str, redis_server: RedisServer
+) -> None:
+    # The connection was lost while the task ran: Celery acks on the old, closed channel
+    # when the task returns. No loop turn will carry that ack, so it goes out at once.
+    client = redis_server.client(DB)
+    _publish(url, {"n": 1})
+    conn, hub = _looped(url)
+    received: list[Any] = []
+    channel = conn.channel()
+    channel.basic_qos(prefetch_count=1)
+    channel.basic_consume(QUEUE, no_ack=False, callback=received.append, consumer_tag="t")
+    _turns(hub, lambda: len(received) == 1)
+    channel.qos.restore_at_shutdown = False  # the task is running: not put back
+    conn.close()
+    assert client.hlen("unacked") == 1
+    received[0].ack()
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0

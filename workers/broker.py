@@ -104,7 +104,11 @@ class QoS(kombu_redis.QoS):
         if channel.global_keyprefix:  # the prefixing client does not rewrite script keys
             return super().ack(delivery_tag)
         channel._acks.append(delivery_tag)
-        if not channel.connection.cycle.ticking:  # no loop turn to carry it: send now
+        # Sent now when no loop turn will carry it: no event loop, or the channel is
+        # closed (the connection was lost while the task ran; kombu's ack goes through
+        # the channel's connection pool then, and so does this one).
+        cycle = getattr(channel.connection, "cycle", None)
+        if channel.closed or not getattr(cycle, "ticking", False):
             channel.flush_acks()
         return VirtualQoS.ack(self, delivery_tag)
 
@@ -166,8 +170,13 @@ class Channel(kombu_redis.Channel):
         # every ack; a client is only a handle on the pool, so one per pool will do.
         if asynchronous or self.global_keyprefix:
             return super()._create_client(asynchronous)
-        pool = self.pool
         client = self._sync_client
+        if self.closed and client is not None:
+            # A task that ran while the connection was lost acks on its old, closed
+            # channel. kombu can build no client then (AttributeError, which ends the
+            # worker); this one's pool reconnects on demand, so the ack still goes out.
+            return client
+        pool = self.pool
         if client is None or client.connection_pool is not pool:
             client = self._sync_client = super()._create_client()
         return client
