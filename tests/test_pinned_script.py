@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, start_redis
 from workers.fleet import free_port
 from workers.pinned_script import PinnedScript
 
@@ -148,3 +149,28 @@ def _client_id(client: redis.Redis, conn: Any) -> int:
         if c["addr"].endswith(f":{port}"):
             return int(c["id"])
     raise AssertionError("the pinned connection is not listed")
+
+
+def test_with_patience_a_restarting_redis_is_waited_for(tmp_path: Path) -> None:
+    # ADMIT and SETTLE wait out a Redis restart instead of failing the action.
+    server = start_redis(tmp_path / "redis")
+    c = server.client(DB)
+    echo = PinnedScript(c, ECHO, patience_s=30)
+    assert echo(args=["before"]) == b"before"
+    server.proc.terminate()
+    server.proc.wait(10)
+    with pytest.raises(redis.ConnectionError):  # without patience it is an error at once
+        PinnedScript(c, ECHO)(args=["x"])
+    restarted: list[RedisServer] = []
+    starter = threading.Timer(
+        1.0, lambda: restarted.append(start_redis(tmp_path / "redis", port=server.port))
+    )
+    starter.start()
+    try:
+        assert echo(args=["after"]) == b"after"  # sent again once the new server answers
+    finally:
+        starter.join()
+        for s in restarted:
+            s.proc.terminate()
+            s.proc.wait(10)
+        c.close()

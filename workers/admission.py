@@ -34,6 +34,10 @@ from workers.pinned_script import PinnedScript
 
 __all__ = ["ADMIT", "SETTLE", "Scripts", "Verdict", "settle_args"]
 
+# How long ADMIT and SETTLE keep retrying a Redis that does not answer (a restart) before
+# the action fails: about what the result store waits (workers/app.py, Celery's retries).
+PATIENCE_S = 60.0
+
 # KEYS: [claim] [rate buckets...] [lease set] [quota counters...]
 # ARGV[1]: how many keys each section has, "<claim 0|1> <rate n> <lease 0|1> <quota n>"
 # (one argument: every argument costs the client encoding work), then each present
@@ -200,8 +204,10 @@ class Scripts:
     first miss: ``workers.pinned_script``)."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self._admit = PinnedScript(client, ADMIT)
-        self._settle = PinnedScript(client, SETTLE)
+        # A Redis restart must not turn an action into a failure: wait it out, as the
+        # result store does (Celery's backend retries), instead of failing the action.
+        self._admit = PinnedScript(client, ADMIT, patience_s=PATIENCE_S)
+        self._settle = PinnedScript(client, SETTLE, patience_s=PATIENCE_S)
 
     def admit(
         self,

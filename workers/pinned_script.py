@@ -12,7 +12,8 @@ What the checkout protected against is handled here instead:
 - a reply left unread (an exception between send and read: a timeout, a signal such as
   Celery's soft time limit) closes the connection, so no later call reads a stale reply;
 - a dropped connection is reopened and the call sent once more, like redis-py's default
-  retry (``retries``); the error is raised after that;
+  retry (``retries``); with ``patience_s`` it keeps trying, backing off up to 2 s, for
+  that long (a Redis restart), and raises after that;
 - NOSCRIPT (a restarted Redis, SCRIPT FLUSH) loads the script and sends it again;
 - a fork or a replaced connection pool gets a connection of its own;
 - at most ``max_pinned`` threads per process pin one; others take redis-py's path.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,11 +39,14 @@ class PinnedScript:
     # connection each for good.
     max_pinned = 16
 
-    def __init__(self, client: redis.Redis, script: str, *, retries: int = 1) -> None:
+    def __init__(
+        self, client: redis.Redis, script: str, *, retries: int = 1, patience_s: float = 0.0
+    ) -> None:
         self.client = client
         self.script = script
         self.sha = hashlib.sha1(script.encode()).hexdigest()
         self.retries = retries
+        self.patience_s = patience_s
         self._local = threading.local()
         self._lock = threading.Lock()
         self._pinned: dict[tuple[int, int], int] = {}  # (pid, id(pool)) -> threads pinned
@@ -67,7 +72,7 @@ class PinnedScript:
         if conn is None:
             return self._unpinned(keys, args)
         packed = conn.pack_command("EVALSHA", self.sha, len(keys), *keys, *args)
-        failures = 0
+        failures, give_up = 0, 0.0
         while True:
             try:
                 conn.send_packed_command(packed)
@@ -80,7 +85,10 @@ class PinnedScript:
                 conn.disconnect()  # reopened by the next send
                 failures += 1
                 if failures > self.retries:
-                    raise
+                    give_up = give_up or time.monotonic() + self.patience_s
+                    if time.monotonic() >= give_up:
+                        raise
+                    time.sleep(min(2.0, 0.05 * 2 ** (failures - self.retries)))
             except BaseException:
                 conn.disconnect()  # a reply may be on its way: never read it as ours
                 raise
