@@ -140,15 +140,9 @@ def _cut(text: str, max_bytes: int) -> tuple[str, bool]:
     return raw[:max_bytes].decode("utf-8", errors="ignore"), True
 
 
-def _names(fields: Iterable[str]) -> frozenset[str]:
-    # The emitter passes the same frozenset for every event: normalize it once.
-    if isinstance(fields, frozenset):
-        return _lowered(fields)
-    return frozenset(n.lower() for n in fields)
-
-
 @functools.lru_cache(maxsize=16)
 def _lowered(fields: frozenset[str]) -> frozenset[str]:
+    # The emitter passes the same frozenset for every event: normalized once.
     return frozenset(n.lower() for n in fields)
 
 
@@ -160,7 +154,7 @@ def redact(
 ) -> Redacted:
     """Redacted, size-capped preview of a JSON-able payload plus its sha256 and size."""
     scrubber = secrets if isinstance(secrets, Scrubber) else Scrubber(secrets)
-    names = _names(sensitive_fields)
+    names = _lowered(frozenset(sensitive_fields))  # frozenset(a frozenset) is itself
     clean = _walk(payload, names, scrubber) if scrubber else _walk_plain(payload, names)
     canonical = json.dumps(
         clean, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str

@@ -203,14 +203,18 @@ def test_an_ack_is_one_script_call_on_one_client(url: str, redis_server: RedisSe
     assert _queued(client) == []
 
 
-def _looped(url: str) -> tuple[Connection, Any]:
-    """A consumer driven by kombu's event loop, as in a Celery worker (prefetch 1)."""
+def _looped(url: str, callback: Any) -> tuple[Connection, Any, Any]:
+    """A consumer driven by kombu's event loop, as in a Celery worker (prefetch 1):
+    (connection, loop, channel), consuming ``QUEUE`` into ``callback``."""
     from kombu.asynchronous import Hub
 
     hub = Hub()
     conn = _connect(url)
     conn.transport.register_with_event_loop(conn.connection, hub)
-    return conn, hub
+    channel = conn.channel()
+    channel.basic_qos(prefetch_count=1)
+    channel.basic_consume(QUEUE, no_ack=False, callback=callback, consumer_tag="t")
+    return conn, hub, channel
 
 
 def _turns(hub: Any, until: Any, limit: int = 200) -> None:
@@ -226,17 +230,14 @@ def test_in_a_loop_an_ack_rides_with_the_next_fetch(url: str, redis_server: Redi
     client = redis_server.client(DB)
     n = 6
     _publish(url, *({"n": i} for i in range(n)))
-    conn, hub = _looped(url)
     received: list[Any] = []
 
     def on_message(message: Any) -> None:
         received.append(message.decode()["n"])
         message.ack()  # as Celery does when the task returns
 
+    conn, hub, _ = _looped(url, on_message)
     try:
-        channel = conn.channel()
-        channel.basic_qos(prefetch_count=1)
-        channel.basic_consume(QUEUE, no_ack=False, callback=on_message, consumer_tag="t")
         before = _evalsha_calls(client)
         _turns(hub, lambda: len(received) == n and client.hlen("unacked") == 0)
         assert received == list(range(n))
@@ -253,12 +254,9 @@ def test_an_ack_no_fetch_carries_is_sent_before_the_loop_waits(
 ) -> None:
     client = redis_server.client(DB)
     _publish(url, {"n": 1}, {"n": 2})
-    conn, hub = _looped(url)
     received: list[Any] = []
+    conn, hub, channel = _looped(url, received.append)
     try:
-        channel = conn.channel()
-        channel.basic_qos(prefetch_count=1)
-        channel.basic_consume(QUEUE, no_ack=False, callback=received.append, consumer_tag="t")
         _turns(hub, lambda: len(received) == 1)
         # The consumer is cancelled (a worker told to stop consuming): no fetch follows.
         channel.basic_cancel("t")
@@ -274,11 +272,8 @@ def test_an_ack_no_fetch_carries_is_sent_before_the_loop_waits(
 def test_acks_pending_at_close_are_sent(url: str, redis_server: RedisServer) -> None:
     client = redis_server.client(DB)
     _publish(url, {"n": 1})
-    conn, hub = _looped(url)
     received: list[Any] = []
-    channel = conn.channel()
-    channel.basic_qos(prefetch_count=1)
-    channel.basic_consume(QUEUE, no_ack=False, callback=received.append, consumer_tag="t")
+    conn, hub, _ = _looped(url, received.append)
     _turns(hub, lambda: len(received) == 1)
     received[0].ack()
     assert client.hlen("unacked") == 1
@@ -293,11 +288,8 @@ def test_an_ack_after_the_channel_closed_is_sent_at_once(
     # when the task returns. No loop turn will carry that ack, so it goes out at once.
     client = redis_server.client(DB)
     _publish(url, {"n": 1})
-    conn, hub = _looped(url)
     received: list[Any] = []
-    channel = conn.channel()
-    channel.basic_qos(prefetch_count=1)
-    channel.basic_consume(QUEUE, no_ack=False, callback=received.append, consumer_tag="t")
+    conn, hub, channel = _looped(url, received.append)
     _turns(hub, lambda: len(received) == 1)
     channel.qos.restore_at_shutdown = False  # the task is running: not put back
     conn.close()

@@ -107,8 +107,7 @@ class QoS(kombu_redis.QoS):
         # Sent now when no loop turn will carry it: no event loop, or the channel is
         # closed (the connection was lost while the task ran; kombu's ack goes through
         # the channel's connection pool then, and so does this one).
-        cycle = getattr(channel.connection, "cycle", None)
-        if channel.closed or not getattr(cycle, "ticking", False):
+        if channel.closed or not channel.connection.cycle.ticking:
             channel.flush_acks()
         return VirtualQoS.ack(self, delivery_tag)
 
@@ -138,10 +137,15 @@ class Channel(kombu_redis.Channel):
         self._acks: list[str] = []  # acknowledged here, not yet in Redis
         self._fetch_acks: list[str] = []  # carried by the FETCH whose reply is pending
 
+    def _take_back_fetch_acks(self) -> None:
+        # The FETCH that carried them has no reply to read (lost with its connection):
+        # applied or not, they are sent again; removing a tag twice is a no-op.
+        self._acks[:0], self._fetch_acks = self._fetch_acks, []
+
     def flush_acks(self) -> None:
         """Send the acks no FETCH carried, in ``ACK`` script calls."""
         if self._fetch_acks and not self._in_poll:  # that FETCH's reply was never read
-            self._acks[:0], self._fetch_acks = self._fetch_acks, []
+            self._take_back_fetch_acks()
         while self._acks:
             tags = self._acks[:_ACK_CHUNK]
             with self.conn_or_acquire() as client:
@@ -202,8 +206,8 @@ class Channel(kombu_redis.Channel):
         return args
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        if self._fetch_acks:  # a FETCH whose reply a reconnect dropped: send its acks again
-            self._acks[:0], self._fetch_acks = self._fetch_acks, []
+        if self._fetch_acks:  # a FETCH whose reply a reconnect dropped
+            self._take_back_fetch_acks()
         command = self._fetch_command()
         if command is None:
             # Also after a FETCH whose reply a reconnect dropped: a BRPOP reply has the
@@ -231,12 +235,11 @@ class Channel(kombu_redis.Channel):
             try:
                 reply = self.client.connection.read_response()
             except self.connection_errors:
-                # Applied or not, the acks are sent again (removing a tag twice is a no-op).
-                self._acks[:0], self._fetch_acks = self._fetch_acks, []
+                self._take_back_fetch_acks()
                 self.client.connection.disconnect()
                 raise
             except redis_py.ResponseError as exc:
-                self._acks[:0], self._fetch_acks = self._fetch_acks, []
+                self._take_back_fetch_acks()
                 # The script is gone (a restarted Redis) or refused (e.g. a full Redis
                 # without eviction): BRPOP takes this message, the next fetch loads it.
                 self._try_fetch = False
@@ -265,8 +268,8 @@ class Poller(kombu_redis.MultiChannelPoller):
 
     def on_poll_start(self) -> None:
         super().on_poll_start()  # sends each channel's next FETCH, which carries its acks
-        for channel in self._channels:
-            if getattr(channel, "_acks", None):
+        for channel in self._channels:  # this transport's: always a ``Channel``
+            if channel._acks:
                 channel.flush_acks()
 
 
