@@ -38,6 +38,7 @@ class AuditSettings:
     preview_bytes: int = 4_096
     sensitive_fields: frozenset[str] = field(default_factory=lambda: DEFAULT_SENSITIVE_FIELDS)
     spool_dir: Path | None = None
+    linger_s: float = 0.1
 
     @property
     def dsn(self) -> str:
@@ -68,4 +69,5 @@ def audit_settings(settings: Settings | None = None) -> AuditSettings:
         preview_bytes=s.audit_preview_bytes,
         sensitive_fields=_fields(s.audit_sensitive_fields),
         spool_dir=s.audit_spool_dir,
+        linger_s=s.audit_linger_s,
     )

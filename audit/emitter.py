@@ -222,6 +222,7 @@ class AuditMiddleware(Middleware):
             if self._thread is not None and self._pid == os.getpid():
                 self.flush(self.close_timeout_s)
                 self._stop.set()
+                self._wake.set()  # out of its linger now, not after it
                 self._thread.join(self.close_timeout_s)
             if self._thread is None or not self._thread.is_alive():
                 leftovers = list(self._backlog)

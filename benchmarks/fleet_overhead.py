@@ -4,7 +4,7 @@ on the same broker, worker count and concurrency, in the same run. Also scale-ou
 worker processes vs one) and resident memory per worker process.
 
     .venv/bin/python benchmarks/fleet_overhead.py [-n 2000] [--concurrency 2] [--repeat 5]
-        [--scale-repeat 9]
+        [--scale-repeat 9] [--pools prefork solo]
 
 Throughput is measured two ways, each for the baseline and the subject:
 - drain: N messages are queued while the workers' consumers are cancelled, then the
@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from _common import (
@@ -155,6 +156,17 @@ def interleaved_latency(
     return out
 
 
+@dataclass
+class Scale:
+    """One scale-out measurement: throughput of 1 and 2 workers, per pair."""
+
+    one: list[float] = field(default_factory=list)
+    two: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    cores1: list[float] = field(default_factory=list)  # CPUs busy during each drain
+    cores2: list[float] = field(default_factory=list)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=2000, help="actions per throughput run")
@@ -163,6 +175,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="baseline/subject pairs")
     parser.add_argument(
         "--scale-repeat", type=int, default=9, help="1-worker/2-worker pairs (noisier)"
+    )
+    parser.add_argument(
+        "--pools",
+        nargs="+",
+        choices=("prefork", "solo"),
+        default=["prefork", "solo"],
+        help="Celery pools to measure scale-out with",
     )
     args = parser.parse_args()
 
@@ -240,40 +259,51 @@ def main() -> None:
             for i, child in enumerate(children(main_pid)):
                 mem.append(f"pool process {i} {rss_mb(child):.0f} MB")
 
-        # Scale-out: one worker process with one execution slot, then two of them, taking
-        # turns (the second one's consumer is cancelled while the first drains alone);
-        # bare Celery measured the same way shows what this machine allows.
+        # Scale-out: one worker with one execution slot, then two of them, taking turns
+        # (the second one's consumer is cancelled while the first drains alone); bare
+        # Celery measured the same way shows what this machine allows. Both pools: with
+        # prefork a worker is a consumer process plus one pool process, with solo it is
+        # one process that runs the action itself.
         def scale_out(
-            app: str, queue: str, publish: Callable[[], list], check: Callable[[object], None]
-        ) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
-            cores: tuple[list[float], list[float]] = ([], [])
+            app: str, queue: str, publish: Callable[[], list], check: Callable[[object], None],
+            pool: str,
+        ) -> Scale:  # fmt: skip
+            run = Scale()
             with ExitStack() as stack:
                 names = [
-                    stack.enter_context(celery_worker(app, queue, url, 1, tag=f"-s{i}", **env))
+                    stack.enter_context(
+                        celery_worker(app, queue, url, 1, tag=f"-{pool}{i}", pool=pool, **env)
+                    )
                     for i in (1, 2)
                 ]
                 prio = queue == "actions.files"
 
                 def one_worker() -> float:
                     noop.control.cancel_consumer(queue, destination=names[1:], reply=True)
-                    return drain(noop, r, queue, names[:1], prio, publish, check, cores[0])
+                    return drain(noop, r, queue, names[:1], prio, publish, check, run.cores1)
 
-                result = paired(
+                run.one, run.two, run.ratios = paired(
                     args.scale_repeat,
                     one_worker,
-                    lambda: drain(noop, r, queue, names, prio, publish, check, cores[1]),
+                    lambda: drain(noop, r, queue, names, prio, publish, check, run.cores2),
                 )
-                return (*result, *cores)
+                if pool == "solo" and app == "workers.app":
+                    mem.append(f"solo worker process {rss_mb(WORKER_PIDS[names[0]]):.0f} MB")
+                return run
 
         scale = {
-            "fleet files stat": scale_out("workers.app", "actions.files", stat_all, fleet_ok),
-            "bare Celery no-op": scale_out("benchmarks.noop_app", "bench", noop_all, noop_ok),
+            (pool, label): scale_out(app, queue, publish, check, pool)
+            for pool in args.pools
+            for label, app, queue, publish, check in (
+                ("fleet files stat", "workers.app", "actions.files", stat_all, fleet_ok),
+                ("bare Celery no-op", "benchmarks.noop_app", "bench", noop_all, noop_ok),
+            )
         }
         client.close()
         noop.close()
 
-    def spread(runs: list[float]) -> str:
-        return " ".join(f"{x:.0f}" for x in runs)
+    def spread(runs: list[float], fmt: str = ".0f") -> str:
+        return " ".join(f"{x:{fmt}}" for x in runs)
 
     print(f"{'throughput':<12} {'bare Celery/s':>13} {'fleet/s':>9} {'ratio':>6}   pair ratios")
     for kind, bases, subjects, ratios in rows:
@@ -292,12 +322,12 @@ def main() -> None:
             f"latency {label:<24} p50 {pct(samples, 0.5):7.2f} ms  p90 {pct(samples, 0.9):7.2f} ms"
             f"  p50/bare {pct(samples, 0.5) / b50:5.2f}"
         )
-    for label, (one, two, ratios, cores1, cores2) in scale.items():
-        c1, c2 = statistics.median(cores1), statistics.median(cores2)
+    for (pool, label), run in scale.items():
+        c1, c2 = statistics.median(run.cores1), statistics.median(run.cores2)
         print(
-            f"scale-out (drain, concurrency 1), {label}: 1 worker process"
-            f" {statistics.median(one):.1f}/s, 2 worker processes {statistics.median(two):.1f}/s,"
-            f" x{statistics.median(ratios):.2f}   pairs {' '.join(f'{x:.2f}' for x in ratios)}"
+            f"scale-out (drain, {pool}, 1 slot per worker), {label}: 1 worker"
+            f" {statistics.median(run.one):.1f}/s, 2 workers {statistics.median(run.two):.1f}/s,"
+            f" x{statistics.median(run.ratios):.2f}   pairs {spread(run.ratios, '.2f')}"
         )
         # At equal CPU per action the ratio cannot pass the ratio of busy CPUs: a worker
         # that already keeps more than one core busy leaves less for a second one.

@@ -19,6 +19,9 @@ from producer.config import get_settings
 from producer.errors import ActionFleetError, FleetUnavailable, InvalidAction, ResultTimeout
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+# Celery pools the worker is built and tested for (threads/gevent would share one
+# pipeline between concurrent actions).
+WORKER_POOLS = ("prefork", "solo")
 
 
 def _eprint(*args: Any) -> None:
@@ -230,6 +233,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if unknown:
         _eprint(f"error: unknown primitive(s) {unknown}; choose from {', '.join(PRIMITIVES)}")
         return EXIT_INVALID
+    if args.pool == "solo" and (args.concurrency or 1) != 1:
+        _eprint(
+            f"error: --pool solo runs one action at a time (--concurrency 1); got"
+            f" --concurrency {args.concurrency}: run more solo workers, or use --pool prefork"
+        )
+        return EXIT_INVALID
     from workers.fleet import celery_worker_argv
 
     argv = celery_worker_argv(
@@ -238,6 +247,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         loglevel=args.loglevel,
         quiet=False,
+        pool=None if args.pool == "prefork" else args.pool,
     )
     os.execv(sys.executable, argv)
     return EXIT_FAILED  # pragma: no cover - execv does not return
@@ -317,7 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run a Celery worker for some primitives' queues")
     p.add_argument("--queues", default="code", help="comma-separated primitives (code)")
-    p.add_argument("--concurrency", type=int, default=None, help="worker processes")
+    p.add_argument("--concurrency", type=int, default=None, help="pool processes (prefork)")
+    p.add_argument(
+        "--pool",
+        choices=WORKER_POOLS,
+        default="prefork",
+        help="prefork (default): actions run in pool processes, one hard-killable process"
+        " each; solo: one action at a time in the worker process itself, ~40%% less CPU"
+        " per trivial action, scale by running more workers (docs/operations.md)",
+    )
     p.add_argument("--name", default=None, help="Celery node name, e.g. code1@%%h")
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=cmd_worker)

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     audit_batch_age_s: float = Field(1.0, gt=0, description="... or when a batch is this old")
     audit_claim_idle_s: float = Field(60.0, gt=0, description="claim a dead ingester's entries")
     audit_preview_bytes: int = Field(4_096, ge=0, description="cap of input/output previews")
+    audit_linger_s: float = Field(
+        0.1, gt=0, le=60, description="a worker batches its events this long before one XADD"
+    )
     audit_sensitive_fields: str = Field(
         "password,passwd,authorization,token,secret,api_key,apikey,cookie,private_key,credentials",
         description="comma-separated field names whose values are never written",

@@ -117,6 +117,7 @@ def get_pipeline() -> Pipeline:
                 spool_dir=a.resolved_spool_dir,
                 sensitive_fields=a.sensitive_fields,
                 preview_bytes=a.preview_bytes,
+                linger_s=a.linger_s,
             )
             policy = PolicyEngine(settings.policy)
             broker = settings.resolved_broker_url() or DEFAULT_BROKER
@@ -212,6 +213,7 @@ def _run_leftover_riders(**_: Any) -> None:
 
 
 @signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect  # the solo pool runs actions in the main process
 def _close_pipeline(**_: Any) -> None:
     global _pipeline
     if _pipeline is not None:
