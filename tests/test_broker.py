@@ -296,3 +296,144 @@ def test_an_ack_after_the_channel_closed_is_sent_at_once(
     assert client.hlen("unacked") == 1
     received[0].ack()
     assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+
+
+class _FetchReplyLoss:
+    """A loopback TCP proxy in front of redis-server that loses one FETCH's reply, as a
+    Redis shut down right after running it does: ``arm("ran")`` forwards the next FETCH,
+    waits for Redis's reply and closes the client's connection instead of passing it
+    on; ``arm("unsent")`` closes it without forwarding the FETCH at all."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import threading
+
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.mode: str | None = None
+        self.lost = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, mode: str) -> None:
+        self.mode = mode
+        self.lost.clear()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pump, args=(down, up), daemon=True).start()
+
+    def _pump(self, down: socket.socket, up: socket.socket) -> None:
+        from workers.broker import _FETCH_SHA
+
+        with down, up:
+            while True:
+                ready, _, _ = select.select([down, up], [], [])
+                if up in ready:
+                    data = up.recv(65536)
+                    if not data:
+                        return
+                    down.sendall(data)
+                if down in ready:
+                    data = down.recv(65536)
+                    if not data:
+                        return
+                    if self.mode and _FETCH_SHA.encode() in data:
+                        if self.mode == "ran":
+                            up.sendall(data)
+                            up.recv(65536)  # Redis ran it and replied; the reply is lost
+                        self.mode = None
+                        self.lost.set()
+                        down.shutdown(socket.SHUT_RDWR)
+                        return
+                    up.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def lossy(url: str, redis_server: RedisServer) -> Iterator[tuple[str, _FetchReplyLoss]]:
+    proxy = _FetchReplyLoss(redis_server.port)
+    # A visibility timeout far beyond the test: only the fix can bring the message back.
+    yield f"redis://127.0.0.1:{proxy.port}/{DB}", proxy
+    proxy.close()
+
+
+def _consumer_through(url: str, received: list[Any]) -> Connection:
+    conn = Connection(url, transport="workers.broker:Transport",
+                      transport_options=OPTIONS | {"visibility_timeout": 3600})  # fmt: skip
+    _consume(conn, received)
+    return conn
+
+
+def _lose_a_fetch(conn: Connection, proxy: _FetchReplyLoss, mode: str) -> None:
+    proxy.arm(mode)
+    with pytest.raises(conn.connection_errors):
+        for _ in range(20):
+            conn.drain_events(timeout=0.5)
+    assert proxy.lost.is_set()
+
+
+def test_a_message_whose_fetch_reply_was_lost_goes_back_at_the_next_fetch(
+    lossy: tuple[str, _FetchReplyLoss], redis_server: RedisServer
+) -> None:
+    from workers import broker
+
+    proxy_url, proxy = lossy
+    client = redis_server.client(DB)
+    _publish(redis_server.url(DB), {"n": 1})
+    lost: list[Any] = []
+    first = _consumer_through(proxy_url, lost)
+    _lose_a_fetch(first, proxy, "ran")
+    # The fetch ran: out of the queue, recorded as unacked, and delivered to nobody.
+    assert lost == [] and _queued(client) == [] and client.hlen("unacked") == 1
+    # The worker reconnects (a new connection, as Celery's consumer makes one) and gets
+    # it at once, marked redelivered, instead of after the visibility timeout.
+    received: list[Any] = []
+    second = _consumer_through(proxy_url, received)
+    try:
+        _drain(second, received, 1)
+        assert [m.decode() for m in received] == [{"n": 1}]
+        assert received[0].delivery_info["redelivered"] is True
+        assert client.hlen("unacked") == 1  # its own delivery now, acked as usual
+        received[0].ack()
+        assert client.hlen("unacked") == 0 and not broker._lost_fetches
+    finally:
+        second.close()
+        first.release()
+
+
+def test_a_lost_fetch_that_never_ran_puts_back_nothing(
+    lossy: tuple[str, _FetchReplyLoss], redis_server: RedisServer
+) -> None:
+    # The marker then still names the channel's previous message, which its task is
+    # running: that one must stay where it is.
+    from workers import broker
+
+    proxy_url, proxy = lossy
+    client = redis_server.client(DB)
+    _publish(redis_server.url(DB), {"n": 1}, {"n": 2})
+    running: list[Any] = []
+    first = _consumer_through(proxy_url, running)
+    _drain(first, running, 1)
+    _lose_a_fetch(first, proxy, "unsent")
+    received: list[Any] = []
+    second = _consumer_through(proxy_url, received)
+    try:
+        _drain(second, received, 1)
+        assert [m.decode() for m in running + received] == [{"n": 1}, {"n": 2}]
+        assert client.hexists("unacked", running[0].delivery_tag)  # still running
+        assert _queued(client) == []
+        received[0].ack()
+        assert client.hkeys("unacked") == [running[0].delivery_tag.encode()]
+        assert not broker._lost_fetches
+    finally:
+        second.close()
+        first.release()

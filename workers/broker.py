@@ -13,7 +13,10 @@ script (``FETCH``), so a message is always in a queue list or in ``unacked``, ne
 in flight. Redis has no blocking move from several lists (one per queue and priority),
 so a worker whose fetch found every list empty waits with BRPOP as before, and goes
 back to the script after that one message: the only delivery still exposed is the
-first one an idle worker receives (docs/reliability.md).
+first one an idle worker receives (docs/reliability.md). A fetch whose reply was lost
+with its connection (a Redis restarting right after running it) is found again through
+a marker the script writes: the worker's next fetch puts that message back in its queue
+instead of leaving it to the visibility timeout.
 
 An ack costs no round trip of its own in a worker: it is applied in Redis by the next
 ``FETCH``, which removes the acknowledged tags before it pops (the worker asks for its
@@ -36,9 +39,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from collections import deque
 from queue import Empty
 from time import monotonic, time
 from typing import Any
+from uuid import uuid4
 
 import redis as redis_py
 from kombu import transport as kombu_transport
@@ -53,17 +58,19 @@ __all__ = ["FETCH", "Channel", "Poller", "QoS", "Transport", "install_transport"
 
 log = logging.getLogger(__name__)
 
-# KEYS: unacked_index, unacked, then the queue lists in BRPOP's order (priority first).
-# ARGV[1]: now (unix s, the worker's clock, as kombu scores its own entries); ARGV[2..]:
-# delivery tags acknowledged since the last fetch, removed first (what ACK does).
-# Pops the first message and records it exactly as kombu's QoS.append would:
-# unacked[tag] = [message, exchange, routing_key], unacked_index[tag] = now.
+# KEYS: unacked_index, unacked, the channel's fetch marker, then the queue lists in
+# BRPOP's order (priority first). ARGV[1]: now (unix s, the worker's clock, as kombu
+# scores its own entries); ARGV[2]: this fetch's number; ARGV[3]: the marker's TTL (ms);
+# ARGV[4..]: delivery tags acknowledged since the last fetch, removed first (what ACK
+# does). Pops the first message and records it exactly as kombu's QoS.append would:
+# unacked[tag] = [message, exchange, routing_key], unacked_index[tag] = now; and in the
+# marker "<number> <tag>", so a channel that never read this reply can find the message.
 FETCH = """
-if #ARGV > 1 then
-  redis.call('ZREM', KEYS[1], unpack(ARGV, 2))
-  redis.call('HDEL', KEYS[2], unpack(ARGV, 2))
+if #ARGV > 3 then
+  redis.call('ZREM', KEYS[1], unpack(ARGV, 4))
+  redis.call('HDEL', KEYS[2], unpack(ARGV, 4))
 end
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local item = redis.call('RPOP', KEYS[i])
   if item then
     local ok, m = pcall(cjson.decode, item)
@@ -74,6 +81,7 @@ for i = 3, #KEYS do
       redis.call('ZADD', KEYS[1], ARGV[1], tag)
       redis.call('HSET', KEYS[2], tag, '[' .. item .. ',' .. cjson.encode(d.exchange or '')
                  .. ',' .. cjson.encode(d.routing_key or '') .. ']')
+      redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. tag, 'PX', ARGV[3])
     end
     return {KEYS[i], item}
   end
@@ -91,6 +99,12 @@ redis.call('HDEL', KEYS[2], unpack(ARGV))
 # Tags per ACK call: far above what a worker acknowledges in one turn of its loop (its
 # prefetch), low enough for Lua's unpack.
 _ACK_CHUNK = 512
+
+# (fetch marker, fetch number) of this process's FETCHes whose reply was lost with its
+# connection. Such a fetch may have run: its message is then recorded as unacked but
+# delivered to nobody, and the visibility timeout (an hour) would be its only way back.
+# The process's next fetch, on whatever channel, puts it back in its queue first.
+_lost_fetches: deque[tuple[str, str]] = deque()
 
 # A fetched message whose reply waited longer than this in the socket (the worker was
 # out of credit) gets its unacked score refreshed, so the visibility timeout counts from
@@ -129,7 +143,9 @@ class Channel(kombu_redis.Channel):
         self._fetched: dict[str, float] = {}  # tag -> when FETCH recorded it
         self._noack_queues: set[str] = set()
         self._try_fetch = True  # False after FETCH found every list empty
-        self._fetch_sent = False  # the pending reply is FETCH's, not BRPOP's
+        self._fetch_marker = f"{self.unacked_key}:fetch:{uuid4().hex}"
+        self._fetch_no = 0
+        self._unread_fetch: int | None = None  # number of the FETCH whose reply is pending
         self._script_loaded = False
         self._fetch_args: dict[tuple[str, ...], list[bytes]] = {}
         self._sync_client: redis_py.Redis | None = None
@@ -137,15 +153,41 @@ class Channel(kombu_redis.Channel):
         self._acks: list[str] = []  # acknowledged here, not yet in Redis
         self._fetch_acks: list[str] = []  # carried by the FETCH whose reply is pending
 
+    @property
+    def _marker_ttl_ms(self) -> int:
+        # Past the visibility timeout any worker's sweep restores the message anyway.
+        return int(self.visibility_timeout * 1000) + 60_000
+
     def _take_back_fetch_acks(self) -> None:
         # The FETCH that carried them has no reply to read (lost with its connection):
         # applied or not, they are sent again; removing a tag twice is a no-op.
         self._acks[:0], self._fetch_acks = self._fetch_acks, []
 
+    def _fetch_lost(self) -> None:
+        """The pending FETCH's reply will never be read: maybe it ran, maybe not."""
+        self._take_back_fetch_acks()
+        if self._unread_fetch is not None:
+            _lost_fetches.append((self._fetch_marker, str(self._unread_fetch)))
+            self._unread_fetch = None
+
+    def _restore_lost_fetches(self) -> None:
+        # The marker says what the channel's latest FETCH that ran popped. Its number
+        # tells a lost fetch that ran (restore) from one that never reached Redis (the
+        # marker then names an earlier message, which was delivered: leave it).
+        with self.conn_or_acquire() as client:
+            while _lost_fetches:
+                marker, number = _lost_fetches[0]
+                fetched = bytes_to_str(client.get(marker) or b"").split(" ", 1)
+                if fetched[0] == number:
+                    self.qos.restore_by_tag(fetched[1], client)
+                    log.warning("put back message %s, whose fetch reply was lost", fetched[1])
+                client.delete(marker)
+                _lost_fetches.popleft()
+
     def flush_acks(self) -> None:
         """Send the acks no FETCH carried, in ``ACK`` script calls."""
-        if self._fetch_acks and not self._in_poll:  # that FETCH's reply was never read
-            self._take_back_fetch_acks()
+        if self._unread_fetch is not None and not self._in_poll:  # reply dropped unread
+            self._fetch_lost()
         while self._acks:
             tags = self._acks[:_ACK_CHUNK]
             with self.conn_or_acquire() as client:
@@ -161,6 +203,8 @@ class Channel(kombu_redis.Channel):
             if self._in_poll:  # the pending reply first, as kombu's close reads it too
                 with contextlib.suppress(Empty, *errors):
                     self._brpop_read()
+            if self._unread_fetch is not None:
+                self._fetch_lost()
             try:
                 self.flush_acks()
             except errors:
@@ -200,19 +244,18 @@ class Channel(kombu_redis.Channel):
         args = self._fetch_args.get(queues)
         if args is None:  # fixed per queue set: named and encoded once, not per message
             keys = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
-            head = ("EVALSHA", _FETCH_SHA, str(len(keys) + 2))
-            idx = (self.unacked_index_key, self.unacked_key)
+            head = ("EVALSHA", _FETCH_SHA, str(len(keys) + 3))
+            idx = (self.unacked_index_key, self.unacked_key, self._fetch_marker)
             args = self._fetch_args[queues] = [a.encode() for a in (*head, *idx, *keys)]
         return args
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        if self._fetch_acks:  # a FETCH whose reply a reconnect dropped
-            self._take_back_fetch_acks()
+        if self._unread_fetch is not None:  # a FETCH whose reply a reconnect dropped
+            self._fetch_lost()
+        if _lost_fetches:
+            self._restore_lost_fetches()
         command = self._fetch_command()
         if command is None:
-            # Also after a FETCH whose reply a reconnect dropped: a BRPOP reply has the
-            # same shape, and must not be taken for one already recorded as unacked.
-            self._fetch_sent = False
             return super()._brpop_start(timeout)
         if not self._script_loaded:
             with self.conn_or_acquire() as client:
@@ -222,29 +265,33 @@ class Channel(kombu_redis.Channel):
         del self._acks[: len(acks)]
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
-        self._fetch_sent = True
-        self.client.connection.send_command(*command, time(), *acks)
+        self._fetch_no += 1
+        self._unread_fetch = self._fetch_no
+        self.client.connection.send_command(
+            *command, time(), self._fetch_no, self._marker_ttl_ms, *acks
+        )
 
     def _brpop_read(self, **options: Any) -> bool:
-        if not self._fetch_sent:
+        if self._unread_fetch is None:
             delivered = super()._brpop_read(**options)  # raises Empty on a timeout
             self._try_fetch = True  # the queues had a message: fetch atomically again
             return delivered
-        self._fetch_sent = False
         try:
             try:
                 reply = self.client.connection.read_response()
             except self.connection_errors:
-                self._take_back_fetch_acks()
+                self._fetch_lost()
                 self.client.connection.disconnect()
                 raise
             except redis_py.ResponseError as exc:
+                self._unread_fetch = None  # the script did not run
                 self._take_back_fetch_acks()
                 # The script is gone (a restarted Redis) or refused (e.g. a full Redis
                 # without eviction): BRPOP takes this message, the next fetch loads it.
                 self._try_fetch = False
                 self._script_loaded = not isinstance(exc, redis_py.exceptions.NoScriptError)
                 raise Empty() from None
+            self._unread_fetch = None
             self._fetch_acks = []
             if not reply:
                 self._try_fetch = False  # every list empty: wait with BRPOP
