@@ -239,6 +239,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
             f" --concurrency {args.concurrency}: run more solo workers, or use --pool prefork"
         )
         return EXIT_INVALID
+    long_running = [q for q in queues if q != "files"]
+    if args.pool == "solo" and long_running:
+        _eprint(
+            f"warning: --pool solo with {', '.join(long_running)}: their actions wait seconds"
+            " on a sandbox, browser or upstream, one at a time, and the worker answers pings"
+            " only between actions; prefork suits them better (docs/operations.md)"
+        )
     from workers.fleet import celery_worker_argv
 
     argv = celery_worker_argv(

@@ -42,6 +42,18 @@ def test_solo_refuses_more_than_one_slot(tmp_path: Path) -> None:
     assert b"--concurrency 2" in out
 
 
+def test_solo_for_long_actions_warns_before_the_worker_starts(tmp_path: Path) -> None:
+    env = worker_env("redis://127.0.0.1:1/0", tmp_path)
+    proc = cli(env, "worker", "--queues", "files,code", "--pool", "solo")
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert first.startswith(b"warning: --pool solo with code:"), first
+
+
 def test_a_solo_worker_runs_actions_in_its_own_process_and_flushes_their_audit_at_stop(
     redis_server: RedisServer, tmp_path: Path, make_client: Callable[[str], ActionClient]
 ) -> None:
