@@ -9,6 +9,7 @@ import contextlib
 import json
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -47,8 +48,10 @@ def _publish(url: str, *bodies: dict[str, Any], priority: int = 0) -> None:
             )  # fmt: skip
 
 
-def _connect(url: str, transport: str | None = "workers.broker:Transport") -> Connection:
-    return Connection(url, transport=transport, transport_options=OPTIONS)
+def _connect(
+    url: str, transport: str | None = "workers.broker:Transport", **options: Any
+) -> Connection:
+    return Connection(url, transport=transport, transport_options=OPTIONS | options)
 
 
 def _consume(conn: Connection, received: list[Any]) -> Any:
@@ -305,8 +308,6 @@ class _FetchReplyLoss:
     on; ``arm("unsent")`` closes it without forwarding the FETCH at all."""
 
     def __init__(self, upstream_port: int) -> None:
-        import threading
-
         self.upstream_port = upstream_port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -319,8 +320,6 @@ class _FetchReplyLoss:
         self.lost.clear()
 
     def _accept(self) -> None:
-        import threading
-
         while True:
             try:
                 down, _ = self.listener.accept()
@@ -367,8 +366,7 @@ def lossy(url: str, redis_server: RedisServer) -> Iterator[tuple[str, _FetchRepl
 
 
 def _consumer_through(url: str, received: list[Any]) -> Connection:
-    conn = Connection(url, transport="workers.broker:Transport",
-                      transport_options=OPTIONS | {"visibility_timeout": 3600})  # fmt: skip
+    conn = _connect(url, visibility_timeout=3600)
     _consume(conn, received)
     return conn
 

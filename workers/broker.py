@@ -59,8 +59,8 @@ __all__ = ["FETCH", "Channel", "Poller", "QoS", "Transport", "install_transport"
 log = logging.getLogger(__name__)
 
 # KEYS: unacked_index, unacked, the channel's fetch marker, then the queue lists in
-# BRPOP's order (priority first). ARGV[1]: now (unix s, the worker's clock, as kombu
-# scores its own entries); ARGV[2]: this fetch's number; ARGV[3]: the marker's TTL (ms);
+# BRPOP's order (priority first). ARGV[1]: the marker's TTL (ms); ARGV[2]: now (unix s,
+# the worker's clock, as kombu scores its own entries); ARGV[3]: this fetch's number;
 # ARGV[4..]: delivery tags acknowledged since the last fetch, removed first (what ACK
 # does). Pops the first message and records it exactly as kombu's QoS.append would:
 # unacked[tag] = [message, exchange, routing_key], unacked_index[tag] = now; and in the
@@ -78,10 +78,10 @@ for i = 4, #KEYS do
     local tag = type(p) == 'table' and p.delivery_tag
     if type(tag) == 'string' then
       local d = type(p.delivery_info) == 'table' and p.delivery_info or {}
-      redis.call('ZADD', KEYS[1], ARGV[1], tag)
+      redis.call('ZADD', KEYS[1], ARGV[2], tag)
       redis.call('HSET', KEYS[2], tag, '[' .. item .. ',' .. cjson.encode(d.exchange or '')
                  .. ',' .. cjson.encode(d.routing_key or '') .. ']')
-      redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. tag, 'PX', ARGV[3])
+      redis.call('SET', KEYS[3], ARGV[3] .. ' ' .. tag, 'PX', ARGV[1])
     end
     return {KEYS[i], item}
   end
@@ -153,11 +153,6 @@ class Channel(kombu_redis.Channel):
         self._acks: list[str] = []  # acknowledged here, not yet in Redis
         self._fetch_acks: list[str] = []  # carried by the FETCH whose reply is pending
 
-    @property
-    def _marker_ttl_ms(self) -> int:
-        # Past the visibility timeout any worker's sweep restores the message anyway.
-        return int(self.visibility_timeout * 1000) + 60_000
-
     def _take_back_fetch_acks(self) -> None:
         # The FETCH that carried them has no reply to read (lost with its connection):
         # applied or not, they are sent again; removing a tag twice is a no-op.
@@ -169,6 +164,12 @@ class Channel(kombu_redis.Channel):
         if self._unread_fetch is not None:
             _lost_fetches.append((self._fetch_marker, str(self._unread_fetch)))
             self._unread_fetch = None
+
+    def _forget_dropped_fetch(self) -> None:
+        # A FETCH was sent but nothing will read its reply any more: a reconnect dropped
+        # it (kombu's ``_on_connection_disconnect`` clears ``_in_poll``).
+        if self._unread_fetch is not None and not self._in_poll:
+            self._fetch_lost()
 
     def _restore_lost_fetches(self) -> None:
         # The marker says what the channel's latest FETCH that ran popped. Its number
@@ -186,8 +187,7 @@ class Channel(kombu_redis.Channel):
 
     def flush_acks(self) -> None:
         """Send the acks no FETCH carried, in ``ACK`` script calls."""
-        if self._unread_fetch is not None and not self._in_poll:  # reply dropped unread
-            self._fetch_lost()
+        self._forget_dropped_fetch()
         while self._acks:
             tags = self._acks[:_ACK_CHUNK]
             with self.conn_or_acquire() as client:
@@ -203,8 +203,6 @@ class Channel(kombu_redis.Channel):
             if self._in_poll:  # the pending reply first, as kombu's close reads it too
                 with contextlib.suppress(Empty, *errors):
                     self._brpop_read()
-            if self._unread_fetch is not None:
-                self._fetch_lost()
             try:
                 self.flush_acks()
             except errors:
@@ -235,7 +233,8 @@ class Channel(kombu_redis.Channel):
         return super().basic_consume(queue, *args, **kwargs)
 
     def _fetch_command(self) -> list[bytes] | None:
-        """The FETCH call for the queues' next turn, but its clock argument; None: BRPOP."""
+        """The FETCH call for the queues' next turn up to its marker TTL, without the clock,
+        the fetch number and the acks; None: BRPOP."""
         if not (self._try_fetch and self.ack_emulation) or self.global_keyprefix:
             return None
         queues = tuple(self._queue_cycle.consume(len(self.active_queues)))
@@ -246,12 +245,14 @@ class Channel(kombu_redis.Channel):
             keys = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
             head = ("EVALSHA", _FETCH_SHA, str(len(keys) + 3))
             idx = (self.unacked_index_key, self.unacked_key, self._fetch_marker)
-            args = self._fetch_args[queues] = [a.encode() for a in (*head, *idx, *keys)]
+            # Past the visibility timeout any worker's sweep restores the message anyway.
+            ttl_ms = str(int(self.visibility_timeout * 1000) + 60_000)
+            args = [a.encode() for a in (*head, *idx, *keys, ttl_ms)]
+            self._fetch_args[queues] = args
         return args
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        if self._unread_fetch is not None:  # a FETCH whose reply a reconnect dropped
-            self._fetch_lost()
+        self._forget_dropped_fetch()
         if _lost_fetches:
             self._restore_lost_fetches()
         command = self._fetch_command()
@@ -267,9 +268,7 @@ class Channel(kombu_redis.Channel):
         self._brpop_sent_at = monotonic()
         self._fetch_no += 1
         self._unread_fetch = self._fetch_no
-        self.client.connection.send_command(
-            *command, time(), self._fetch_no, self._marker_ttl_ms, *acks
-        )
+        self.client.connection.send_command(*command, time(), self._fetch_no, *acks)
 
     def _brpop_read(self, **options: Any) -> bool:
         if self._unread_fetch is None:
