@@ -435,3 +435,32 @@ def test_a_lost_fetch_that_never_ran_puts_back_nothing(
     finally:
         second.close()
         first.release()
+
+
+def test_a_fetch_dropped_by_a_disconnect_is_put_back_after_the_channel_closes(
+    url: str, redis_server: RedisServer
+) -> None:
+    # The connection drops with the FETCH's reply unread and nothing to ack; the worker
+    # closes that channel and reconnects. The next fetch must still find the message.
+    from workers import broker
+
+    client = redis_server.client(DB)
+    _publish(url, {"n": 1})
+    first = _connect(url, visibility_timeout=3600)
+    channel = _consume(first, [])
+    channel.client.connection = channel.client.connection_pool.get_connection()
+    channel._brpop_start()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and client.hlen("unacked") == 0:
+        time.sleep(0.01)
+    channel.client.connection.disconnect()  # kombu then forgets the pending reply
+    first.close()
+    assert _queued(client) == [] and client.hlen("unacked") == 1
+    received: list[Any] = []
+    second = _consumer_through(url, received)
+    try:
+        _drain(second, received, 1)
+        assert [m.decode() for m in received] == [{"n": 1}]
+        assert not broker._lost_fetches
+    finally:
+        second.close()

@@ -198,6 +198,9 @@ class Channel(kombu_redis.Channel):
             del self._acks[: len(tags)]
 
     def close(self) -> None:
+        if not self.closed:
+            # Acks or not: a lost fetch recorded now is put back by the next connection.
+            self._forget_dropped_fetch()
         if not self.closed and (self._acks or self._fetch_acks):
             errors = (*self.connection_errors, redis_py.RedisError)
             if self._in_poll:  # the pending reply first, as kombu's close reads it too
