@@ -246,6 +246,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
             " on a sandbox, browser or upstream, one at a time, and the worker answers pings"
             " only between actions; prefork suits them better (docs/operations.md)"
         )
+    if args.cpus is not None:
+        from workers.affinity import CpuSpecError, checked
+
+        try:
+            checked(args.cpus)
+        except CpuSpecError as exc:
+            _eprint(f"error: --cpus: {exc}")
+            return EXIT_INVALID
+        # The worker pins itself from the setting (workers/app.py), so a worker started
+        # with plain `celery worker` and ACTIONFLEET_WORKER_CPUS behaves the same.
+        os.environ["ACTIONFLEET_WORKER_CPUS"] = args.cpus
     from workers.fleet import celery_worker_argv
 
     argv = celery_worker_argv(
@@ -342,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="prefork (default): actions run in pool processes, one hard-killable process"
         " each; solo: one action at a time in the worker process itself, ~40%% less CPU"
         " per trivial action, scale by running more workers (docs/operations.md)",
+    )
+    p.add_argument(
+        "--cpus",
+        default=None,
+        metavar="LIST",
+        help="pin the worker to these CPUs (0, 0-3, 0,2; default: float on all); with"
+        " several CPUs each prefork pool process gets one of them. One solo worker per"
+        " core drains ~20-40%% more than floating ones (docs/operations.md)",
     )
     p.add_argument("--name", default=None, help="Celery node name, e.g. code1@%%h")
     p.add_argument("--loglevel", default="INFO")

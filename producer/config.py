@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
+
+# The kernel's cpuset list format: 0 | 0-3 | 0,2,4-5 (workers/affinity.py parses it).
+_CPU_LIST = re.compile(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*")
 
 
 class Settings(BaseSettings):
@@ -43,6 +47,10 @@ class Settings(BaseSettings):
     )
     audit_spool_dir: Path | None = Field(None, description="default: <home>/audit-spool")
 
+    worker_cpus: str | None = Field(
+        None,
+        description="pin the worker to these CPUs, e.g. 0, 0-3 or 0,2 (worker --cpus)",
+    )
     sandbox_runtime: Literal["runc", "runsc"] = Field("runc", description="OCI runtime")
     sandbox_image: str | None = Field(None, description="override the built sandbox image tag")
     debian_mirror: str = Field("http://deb.debian.org/debian", description="for sandbox build")
@@ -105,6 +113,13 @@ class Settings(BaseSettings):
     email_outbox_ttl_s: int = Field(
         30 * 86_400, ge=60, description="how long an email's exactly-once record is kept"
     )
+
+    @field_validator("worker_cpus")
+    @classmethod
+    def _cpu_list(cls, value: str | None) -> str | None:
+        if value is not None and not _CPU_LIST.fullmatch(value):
+            raise ValueError(f"{value!r} is not a CPU list; write e.g. 0, 0-3 or 0,2")
+        return value
 
     def fleet_file(self) -> Path:
         return self.home / "fleet.json"

@@ -36,6 +36,7 @@ from celery.exceptions import Reject, Retry
 from producer.config import get_settings
 from producer.models import PRIMITIVES, queue_for, task_name_for
 from producer.transport import celery_conf, kwargs_repr
+from workers import affinity
 from workers.backend import FleetRedisBackend, run_riders, take_riders
 from workers.broker import install_transport
 from workers.executors import ExecutorRegistry
@@ -223,6 +224,14 @@ def _close_pipeline(**_: Any) -> None:
 
 @signals.worker_process_init.connect
 def _on_process_init(**_: Any) -> None:
+    if settings.worker_cpus:
+        from billiard.process import current_process
+
+        index = getattr(current_process(), "index", None)
+        if index is not None:
+            cpu = affinity.pin_pool_process(settings.worker_cpus, index)
+            if cpu is not None:
+                log.info("pool process %s pinned to CPU %s", index, cpu)
     # A new pool process often replaces one that died mid-action: clear its containers.
     if _consumes_code:
         threading.Thread(target=_reap_once, name="sandbox-reaper", daemon=True).start()
@@ -234,6 +243,12 @@ _consumes_code = False
 @signals.celeryd_init.connect
 def _on_init(sender: Any = None, instance: Any = None, options: Any = None, **_: Any) -> None:
     global _consumes_code
+    if settings.worker_cpus:  # before the pool starts: its processes inherit the set
+        try:
+            cpus = affinity.pin(settings.worker_cpus)
+        except affinity.CpuSpecError as exc:
+            raise SystemExit(f"error: ACTIONFLEET_WORKER_CPUS: {exc}") from None
+        log.info("worker pinned to CPUs %s", ",".join(map(str, cpus)))
     queues = (options or {}).get("queues") or []
     if isinstance(queues, str):
         queues = queues.split(",")
