@@ -91,9 +91,7 @@ def _cli(env: dict[str, str], *args: str, **kw: Any) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.parametrize("spec", ["x", "0-100000"])
-def test_the_cli_refuses_a_bad_cpu_list_before_starting_a_worker(
-    spec: str, tmp_path: Path
-) -> None:
+def test_the_cli_refuses_a_bad_cpu_list_before_starting_a_worker(spec: str, tmp_path: Path) -> None:
     proc = _cli(worker_env("redis://127.0.0.1:1/0", tmp_path), "worker", "--cpus", spec)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2, out
