@@ -105,6 +105,7 @@ def celery_worker(
     concurrency: int = 1,
     tag: str = "",
     pool: str | None = None,
+    cpus: str | None = None,
     **env_extra: str,
 ) -> Iterator[str]:
     from celery import Celery
@@ -117,6 +118,11 @@ def celery_worker(
     argv = celery_worker_argv(
         queue, app=app, name=name, concurrency=concurrency, loglevel="WARNING", pool=pool
     )
+    if cpus is not None:
+        if app == "workers.app":  # the fleet pins itself (`actionfleet worker --cpus`)
+            env["ACTIONFLEET_WORKER_CPUS"] = cpus
+        else:
+            argv = ["taskset", "-c", cpus, *argv]
     proc = subprocess.Popen(
         [*argv, "--logfile", str(log)],
         env=env,

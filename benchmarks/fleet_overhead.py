@@ -4,7 +4,7 @@ on the same broker, worker count and concurrency, in the same run. Also scale-ou
 worker processes vs one) and resident memory per worker process.
 
     .venv/bin/python benchmarks/fleet_overhead.py [-n 2000] [--concurrency 2] [--repeat 5]
-        [--scale-repeat 9] [--pools prefork solo]
+        [--scale-repeat 9] [--pools prefork solo] [--placements floating pinned]
 
 Throughput is measured two ways, each for the baseline and the subject:
 - drain: N messages are queued while the workers' consumers are cancelled, then the
@@ -19,6 +19,11 @@ what the run uses) so the limit checks really run; audit events go to the Redis 
 Baseline and subject runs alternate (``--repeat`` pairs, back to back), and each ratio
 is the median of the per-pair ratios: on a shared machine a burst of someone else's load
 then hits one pair instead of every run of one side.
+
+Scale-out is measured with each pool and with two placements: ``floating`` (the
+scheduler puts the workers where it likes) and ``pinned`` (worker i on CPU i, as
+``actionfleet worker --cpus`` or a Kubernetes pod with exclusive cores runs it; bare
+Celery through ``taskset``).
 """
 
 from __future__ import annotations
@@ -183,6 +188,13 @@ def main() -> None:
         default=["prefork", "solo"],
         help="Celery pools to measure scale-out with",
     )
+    parser.add_argument(
+        "--placements",
+        nargs="+",
+        choices=("floating", "pinned"),
+        default=["floating", "pinned"],
+        help="scale-out with workers left to the scheduler, and pinned one per CPU",
+    )
     args = parser.parse_args()
 
     import redis
@@ -264,17 +276,28 @@ def main() -> None:
         # Celery measured the same way shows what this machine allows. Both pools: with
         # prefork a worker is a consumer process plus one pool process, with solo it is
         # one process that runs the action itself.
+        cpus = sorted(os.sched_getaffinity(0))
+
         def scale_out(
             app: str, queue: str, publish: Callable[[], list], check: Callable[[object], None],
-            pool: str,
+            pool: str, pinned: bool,
         ) -> Scale:  # fmt: skip
             run = Scale()
             with ExitStack() as stack:
                 names = [
                     stack.enter_context(
-                        celery_worker(app, queue, url, 1, tag=f"-{pool}{i}", pool=pool, **env)
+                        celery_worker(
+                            app,
+                            queue,
+                            url,
+                            1,
+                            tag=f"-{pool}{'-pinned' if pinned else ''}{i}",
+                            pool=pool,
+                            cpus=str(cpus[i % len(cpus)]) if pinned else None,
+                            **env,
+                        )
                     )
-                    for i in (1, 2)
+                    for i in (0, 1)
                 ]
                 prio = queue == "actions.files"
 
@@ -287,12 +310,15 @@ def main() -> None:
                     one_worker,
                     lambda: drain(noop, r, queue, names, prio, publish, check, run.cores2),
                 )
-                if pool == "solo" and app == "workers.app":
+                if pool == "solo" and app == "workers.app" and not pinned:
                     mem.append(f"solo worker process {rss_mb(WORKER_PIDS[names[0]]):.0f} MB")
                 return run
 
         scale = {
-            (pool, label): scale_out(app, queue, publish, check, pool)
+            (pool, placement, label): scale_out(
+                app, queue, publish, check, pool, placement == "pinned"
+            )
+            for placement in args.placements
             for pool in args.pools
             for label, app, queue, publish, check in (
                 ("fleet files stat", "workers.app", "actions.files", stat_all, fleet_ok),
@@ -322,10 +348,10 @@ def main() -> None:
             f"latency {label:<24} p50 {pct(samples, 0.5):7.2f} ms  p90 {pct(samples, 0.9):7.2f} ms"
             f"  p50/bare {pct(samples, 0.5) / b50:5.2f}"
         )
-    for (pool, label), run in scale.items():
+    for (pool, placement, label), run in scale.items():
         c1, c2 = statistics.median(run.cores1), statistics.median(run.cores2)
         print(
-            f"scale-out (drain, {pool}, 1 slot per worker), {label}: 1 worker"
+            f"scale-out (drain, {pool}, {placement}, 1 slot per worker), {label}: 1 worker"
             f" {statistics.median(run.one):.1f}/s, 2 workers {statistics.median(run.two):.1f}/s,"
             f" x{statistics.median(run.ratios):.2f}   pairs {spread(run.ratios, '.2f')}"
         )
