@@ -2,9 +2,9 @@
 
 A trivial action is a few hundred microseconds of Python between Redis round trips, so a
 worker sleeps and wakes thousands of times a second. Left to float, the scheduler moves it
-between cores at those wake-ups and it runs on cold caches: two floating solo workers on
-2 cores used ~1.4 ms of CPU per action against ~1.0 ms pinned one per core, and drained
-20-40 % more actions per second in the same run (benchmarks/README.md). Pinning is what
+between cores at those wake-ups and it runs on cold caches. Two workers pinned one per
+core on 2 cores drained 2-21 % more actions per second than the same two floating, in the
+same run, with ~8 % less CPU per action (benchmarks/README.md). Pinning is what
 Kubernetes' static CPU manager does for a Guaranteed pod with whole CPUs; this does it
 for a worker started by hand or by compose.
 
