@@ -6,10 +6,12 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -114,6 +116,19 @@ def worker_env(broker_url: str, home: Path, **extra: str) -> dict[str, str]:
     }
     env |= {f"ACTIONFLEET_{k.upper()}": v for k, v in extra.items()}
     return env
+
+
+def cli_process(env: dict[str, str], *args: str, **kw: Any) -> subprocess.Popen[bytes]:
+    """``actionfleet <args>`` as an operator runs it (``worker`` execs into Celery, so the
+    process is the worker's main process); output on a pipe unless ``stdout`` is given."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=kw.pop("stdout", subprocess.PIPE),
+        stderr=subprocess.STDOUT,
+        **kw,
+    )
 
 
 def start_worker(

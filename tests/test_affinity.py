@@ -10,13 +10,19 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from producer.client import ActionClient
 from producer.config import Settings
-from tests.conftest import ROOT, RedisServer, Worker, wait_for_worker, worker_env
+from tests.conftest import (
+    ROOT,
+    RedisServer,
+    Worker,
+    cli_process,
+    wait_for_worker,
+    worker_env,
+)
 from workers.affinity import CpuSpecError, checked, parse_cpus, pin_pool_process
 
 DB = 9  # this module's own Redis database
@@ -80,19 +86,9 @@ def test_pool_processes_take_the_cpus_of_the_set_in_turn() -> None:
         os.sched_setaffinity(0, before)
 
 
-def _cli(env: dict[str, str], *args: str, **kw: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", *args],
-        env=env,
-        cwd=ROOT,
-        stdout=kw.pop("stdout", subprocess.PIPE),
-        stderr=subprocess.STDOUT,
-    )
-
-
 @pytest.mark.parametrize("spec", ["x", "0-100000"])
 def test_the_cli_refuses_a_bad_cpu_list_before_starting_a_worker(spec: str, tmp_path: Path) -> None:
-    proc = _cli(worker_env("redis://127.0.0.1:1/0", tmp_path), "worker", "--cpus", spec)
+    proc = cli_process(worker_env("redis://127.0.0.1:1/0", tmp_path), "worker", "--cpus", spec)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2, out
     assert out.startswith(b"error: --cpus: CPU list"), out
@@ -135,7 +131,7 @@ def test_a_pinned_worker_and_its_pool_processes_run_only_on_their_cpus(
     args = ["worker", "--queues", "files", "--pool", pool, "--cpus", spec, "--name", name]
     if pool == "prefork":
         args += ["--concurrency", "2"]
-    proc = _cli(env, *args, stdout=log.open("wb"))
+    proc = cli_process(env, *args, stdout=log.open("wb"))
     worker = Worker(name, env, log, proc, ["actions.files"])
     try:
         wait_for_worker(worker, url)

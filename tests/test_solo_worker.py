@@ -4,8 +4,6 @@ redis-server and a real worker started through the CLI, as an operator starts on
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,24 +11,14 @@ from typing import Any
 
 from audit.config import STREAM
 from producer.client import ActionClient
-from tests.conftest import ROOT, RedisServer, Worker, wait_for_worker, worker_env
+from tests.conftest import RedisServer, Worker, wait_for_worker, worker_env
+from tests.conftest import cli_process as cli
 
 DB = 8  # this module's own Redis database
 
 
 def files(**payload: Any) -> dict[str, Any]:
     return {"primitive": "files", "tenant_id": "acme", "agent_id": "solo", "payload": payload}
-
-
-def cli(env: dict[str, str], *args: str, **kw: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", *args],
-        env=env,
-        cwd=ROOT,
-        stdout=kw.pop("stdout", subprocess.PIPE),
-        stderr=subprocess.STDOUT,
-        **kw,
-    )
 
 
 def test_solo_refuses_more_than_one_slot(tmp_path: Path) -> None:
