@@ -23,7 +23,7 @@ from tests.conftest import (
     wait_for_worker,
     worker_env,
 )
-from workers.affinity import CpuSpecError, checked, parse_cpus, pin_pool_process
+from workers.affinity import CpuSpecError, checked, parse_cpus, pin_pool_process, pool_cpus
 
 DB = 9  # this module's own Redis database
 CPUS = sorted(os.sched_getaffinity(0))
@@ -71,17 +71,19 @@ def test_the_setting_refuses_what_is_not_a_cpu_list() -> None:
     assert "'0;1' is not a CPU list; write e.g. 0, 0-3 or 0,2" in str(err.value)
 
 
-def test_pool_processes_take_the_cpus_of_the_set_in_turn() -> None:
+def test_pool_processes_are_pinned_one_per_cpu_only_when_each_can_have_its_own() -> None:
+    assert pool_cpus((0, 1, 2), 3) == (0, 1, 2)
+    assert pool_cpus((0, 1, 2), 2) == (0, 1, 2)
+    assert pool_cpus((0, 1), 4) is None, "more processes than CPUs: float within the set"
+    assert pool_cpus((3,), 1) is None, "one CPU: inherited from the worker"
+
+
+def test_a_pool_process_takes_the_cpu_of_its_index() -> None:
     before = os.sched_getaffinity(0)
     try:
-        assert pin_pool_process(str(CPUS[0]), 5) is None, "one CPU: inherited, nothing to do"
-        assert os.sched_getaffinity(0) == before
-        if len(CPUS) > 1:
-            spec = ",".join(map(str, CPUS[:2]))
-            assert pin_pool_process(spec, 3) == CPUS[1]
-            assert os.sched_getaffinity(0) == {CPUS[1]}
-            assert pin_pool_process(spec, 4) == CPUS[0]
-            assert os.sched_getaffinity(0) == {CPUS[0]}
+        for index in range(len(CPUS) + 1):  # wraps: a replacement keeps its index's CPU
+            assert pin_pool_process(tuple(CPUS), index) == CPUS[index % len(CPUS)]
+            assert os.sched_getaffinity(0) == {CPUS[index % len(CPUS)]}
     finally:
         os.sched_setaffinity(0, before)
 
@@ -112,9 +114,10 @@ def _affinity(pid: int) -> set[int]:
     return os.sched_getaffinity(pid)
 
 
-@pytest.mark.parametrize("pool", ["prefork", "solo"])
+@pytest.mark.parametrize(("pool", "processes"), [("prefork", 2), ("prefork", 3), ("solo", 1)])
 def test_a_pinned_worker_and_its_pool_processes_run_only_on_their_cpus(
     pool: str,
+    processes: int,
     redis_server: RedisServer,
     tmp_path: Path,
     make_client: Callable[[str], ActionClient],
@@ -126,11 +129,11 @@ def test_a_pinned_worker_and_its_pool_processes_run_only_on_their_cpus(
     pinned = CPUS[-1:] if pool == "solo" else CPUS[:2]
     spec = ",".join(map(str, pinned))
     env = worker_env(url, tmp_path, workspace_root=str(tmp_path / "ws"))
-    name = f"pinned-{pool}-{time.monotonic_ns()}@localhost"
+    name = f"pinned-{pool}{processes}-{time.monotonic_ns()}@localhost"
     log = tmp_path / "worker.log"
     args = ["worker", "--queues", "files", "--pool", pool, "--cpus", spec, "--name", name]
     if pool == "prefork":
-        args += ["--concurrency", "2"]
+        args += ["--concurrency", str(processes)]
     proc = cli_process(env, *args, stdout=log.open("wb"))
     worker = Worker(name, env, log, proc, ["actions.files"])
     try:
@@ -148,7 +151,7 @@ def test_a_pinned_worker_and_its_pool_processes_run_only_on_their_cpus(
     assert main == set(pinned), worker.tail()
     if pool == "solo":
         assert pools == []
-    elif len(pinned) > 1:  # one CPU each, in turn
-        assert sorted(pools, key=min) == [{cpu} for cpu in pinned], pools
-    else:
-        assert pools == [set(pinned)] * 2, pools
+    elif len(pinned) > 1 and processes <= len(pinned):  # one CPU each
+        assert sorted(pools, key=min) == [{cpu} for cpu in pinned[:processes]], pools
+    else:  # more processes than CPUs: each floats within the worker's set
+        assert pools == [set(pinned)] * processes, pools

@@ -9,9 +9,9 @@ Kubernetes' static CPU manager does for a Guaranteed pod with whole CPUs; this d
 for a worker started by hand or by compose.
 
 The worker's main process is pinned to the whole set, so everything it starts inherits
-it. With several CPUs in the set, each prefork pool process is pinned to one of them in
-turn (process ``i`` to the ``i``-th CPU, wrapping), so ``--concurrency`` processes over as
-many cores do not trade places either.
+it. With several CPUs in the set and no more prefork pool processes than CPUs, pool
+process ``i`` is pinned to the ``i``-th CPU, so ``--concurrency`` processes over as many
+cores do not trade places either; with more processes than CPUs they float within the set.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ __all__ = [
     "parse_cpus",
     "pin",
     "pin_pool_process",
+    "pool_cpus",
 ]
 
 
@@ -81,12 +82,17 @@ def pin(spec: str) -> tuple[int, ...]:
     return cpus
 
 
-def pin_pool_process(spec: str, index: int) -> int | None:
-    """Pin prefork pool process number ``index`` to one CPU of ``spec``; None when the set
-    has one CPU (the process inherited it already)."""
-    cpus = parse_cpus(spec)
-    if len(cpus) < 2:
-        return None
+def pool_cpus(cpus: tuple[int, ...], processes: int) -> tuple[int, ...] | None:
+    """The CPUs prefork pool processes are pinned to, one each in turn, or None when they
+    float within the worker's set: it has one CPU (inherited already), or there are more
+    processes than CPUs (pinned in turn, two busy ones could share a core while another
+    idles; floating, the scheduler balances them)."""
+    return cpus if len(cpus) > 1 and processes <= len(cpus) else None
+
+
+def pin_pool_process(cpus: tuple[int, ...], index: int) -> int:
+    """Pin prefork pool process number ``index`` to its CPU of ``cpus`` (wrapping: a
+    replacement process gets its index's CPU again)."""
     cpu = cpus[index % len(cpus)]
     os.sched_setaffinity(0, (cpu,))
     return cpu

@@ -224,32 +224,36 @@ def _close_pipeline(**_: Any) -> None:
 
 @signals.worker_process_init.connect
 def _on_process_init(**_: Any) -> None:
-    if settings.worker_cpus:
+    if _pool_cpus:
         from billiard.process import current_process
 
         index = getattr(current_process(), "index", None)
         if index is not None:
-            cpu = affinity.pin_pool_process(settings.worker_cpus, index)
-            if cpu is not None:
-                log.info("pool process %s pinned to CPU %s", index, cpu)
+            cpu = affinity.pin_pool_process(_pool_cpus, index)
+            log.info("pool process %s pinned to CPU %s", index, cpu)
     # A new pool process often replaces one that died mid-action: clear its containers.
     if _consumes_code:
         threading.Thread(target=_reap_once, name="sandbox-reaper", daemon=True).start()
 
 
 _consumes_code = False
+_pool_cpus: tuple[int, ...] | None = None  # set before the pool forks; its processes read it
 
 
 @signals.celeryd_init.connect
 def _on_init(sender: Any = None, instance: Any = None, options: Any = None, **_: Any) -> None:
-    global _consumes_code
+    global _consumes_code, _pool_cpus
+    options = options or {}
     if settings.worker_cpus:  # before the pool starts: its processes inherit the set
         try:
             cpus = affinity.pin(settings.worker_cpus)
         except affinity.CpuSpecError as exc:
             raise SystemExit(f"error: ACTIONFLEET_WORKER_CPUS: {exc}") from None
         log.info("worker pinned to CPUs %s", ",".join(map(str, cpus)))
-    queues = (options or {}).get("queues") or []
+        # Celery's default concurrency is the machine's CPU count.
+        processes = int(options.get("concurrency") or 0) or os.cpu_count() or 1
+        _pool_cpus = affinity.pool_cpus(cpus, processes)
+    queues = options.get("queues") or []
     if isinstance(queues, str):
         queues = queues.split(",")
     # The reliability probe (tests) serves `code` without containers: nothing to reap.
