@@ -46,6 +46,7 @@ def test_cpu_lists_in_the_kernels_cpuset_format(spec: str, cpus: tuple[int, ...]
         ("2-", "'2-' is not a CPU number"),
         ("-1", "'-1' is not a CPU number"),
         ("3-1", "range '3-1' runs backwards; write 1-3"),
+        ("0-99999999999", "CPU 99999999999 is past the kernel's largest (8191)"),
     ],
 )
 def test_a_bad_cpu_list_says_what_is_wrong_and_what_to_write(spec: str, says: str) -> None:

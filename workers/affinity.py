@@ -29,6 +29,9 @@ __all__ = [
 ]
 
 
+MAX_CPU = 8191  # the kernel's NR_CPUS tops out at 8192
+
+
 class CpuSpecError(ValueError):
     """A CPU list that cannot be parsed, or names CPUs this process may not run on."""
 
@@ -45,6 +48,10 @@ def parse_cpus(spec: str) -> tuple[int, ...]:
                 " write e.g. 0, 0-3 or 0,2"
             )
         first, last = int(low), int(high) if dash else int(low)
+        if last > MAX_CPU:  # and no set of a billion numbers built from a typo
+            raise CpuSpecError(
+                f"CPU list {spec!r}: CPU {last} is past the kernel's largest ({MAX_CPU})"
+            )
         if last < first:
             raise CpuSpecError(
                 f"CPU list {spec!r}: range {part!r} runs backwards; write {last}-{first}"
