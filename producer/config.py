@@ -117,6 +117,8 @@ class Settings(BaseSettings):
     @field_validator("worker_cpus")
     @classmethod
     def _cpu_list(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None  # `VAR: ${X:-}` in compose: set but empty means not pinned
         if value is not None and not _CPU_LIST.fullmatch(value):
             raise ValueError(f"{value!r} is not a CPU list; write e.g. 0, 0-3 or 0,2")
         return value

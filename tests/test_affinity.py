@@ -67,6 +67,7 @@ def test_cpus_this_process_may_not_use_are_refused_with_the_ones_it_may() -> Non
 
 def test_the_setting_refuses_what_is_not_a_cpu_list() -> None:
     assert Settings(worker_cpus="0-1,3").worker_cpus == "0-1,3"
+    assert Settings(worker_cpus=" ").worker_cpus is None, "empty (compose's ${X:-}): float"
     with pytest.raises(ValueError) as err:
         Settings(worker_cpus="0;1")
     assert "'0;1' is not a CPU list; write e.g. 0, 0-3 or 0,2" in str(err.value)
