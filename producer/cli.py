@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LIST",
         help="pin the worker to these CPUs (0, 0-3, 0,2; default: float on all); with"
         " at least as many CPUs as pool processes, each process gets one of them. Workers"
-        " pinned one per core drain up to ~20%% more than floating ones (docs/operations.md)",
+        " pinned one per core scale out better than floating ones (docs/operations.md)",
     )
     p.add_argument("--name", default=None, help="Celery node name, e.g. code1@%%h")
     p.add_argument("--loglevel", default="INFO")

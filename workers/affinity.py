@@ -3,8 +3,9 @@
 A trivial action is a few hundred microseconds of Python between Redis round trips, so a
 worker sleeps and wakes thousands of times a second. Left to float, the scheduler moves it
 between cores at those wake-ups and it runs on cold caches. Two workers pinned one per
-core on 2 cores drained 2-21 % more actions per second than the same two floating, in the
-same run, with ~8 % less CPU per action (benchmarks/README.md). Pinning is what
+core on 2 cores drained a median 12 % more actions per second than the same two floating
+(-9 to +26 % over six same-run comparisons), with ~8 % less CPU per action, and scaled
+1.72-1.91x over one worker (benchmarks/README.md). Pinning is what
 Kubernetes' static CPU manager does for a Guaranteed pod with whole CPUs; this does it
 for a worker started by hand or by compose.
 
