@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -12,9 +11,6 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
-
-# The kernel's cpuset list format: 0 | 0-3 | 0,2,4-5 (workers/affinity.py parses it).
-_CPU_LIST = re.compile(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*")
 
 
 class Settings(BaseSettings):
@@ -117,10 +113,15 @@ class Settings(BaseSettings):
     @field_validator("worker_cpus")
     @classmethod
     def _cpu_list(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
+        if value is None or not value.strip():
             return None  # `VAR: ${X:-}` in compose: set but empty means not pinned
-        if value is not None and not _CPU_LIST.fullmatch(value):
-            raise ValueError(f"{value!r} is not a CPU list; write e.g. 0, 0-3 or 0,2")
+        # The worker's own parser: the setting refuses exactly what the worker would.
+        from workers.affinity import CpuSpecError, parse_cpus
+
+        try:
+            parse_cpus(value)
+        except CpuSpecError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     def fleet_file(self) -> Path:

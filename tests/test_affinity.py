@@ -70,7 +70,12 @@ def test_the_setting_refuses_what_is_not_a_cpu_list() -> None:
     assert Settings(worker_cpus=" ").worker_cpus is None, "empty (compose's ${X:-}): float"
     with pytest.raises(ValueError) as err:
         Settings(worker_cpus="0;1")
-    assert "'0;1' is not a CPU list; write e.g. 0, 0-3 or 0,2" in str(err.value)
+    assert "CPU list '0;1': '0;1' is not a CPU number or a range like 0-3; write e.g." in str(
+        err.value
+    )
+    with pytest.raises(ValueError) as err:  # what the parser refuses, the setting refuses
+        Settings(worker_cpus="3-1")
+    assert "range '3-1' runs backwards; write 1-3" in str(err.value)
 
 
 def test_pool_processes_are_pinned_one_per_cpu_only_when_each_can_have_its_own() -> None:
