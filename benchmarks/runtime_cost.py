@@ -9,10 +9,11 @@ engine: ``engine_capacity.py``'s lifecycle with the sandbox's own create options
 -> attach -> start -> request -> frame -> wait -> remove). runc: ``runc run`` of a bundle
 made once from a started sandbox container's ``config.json`` (its engine-side prestart
 hook and the engine's ``/etc/hosts``-style bind mounts dropped, the root a read-only copy
-of the image's files, a cgroup of its own per run), the request on stdin, the frame read
-from stdout. Both count every CPU of the machine (``/proc/stat``), so the work the engine,
-containerd and the shims do per container is in the first and not in the second. Rounds
-interleave the subjects. Needs root and the ``runc`` the engine uses.
+of the image's files, runc's default cgroup per container id, which runc removes at the
+end of the run), the request on stdin, the frame read from stdout. Both count every CPU
+of the machine (``/proc/stat``), so the work the engine, containerd and the shims do per
+container is in the first and not in the second. Rounds interleave the subjects. Needs
+root and the ``runc`` the engine uses.
 
 This is what a sandbox backend that drives runc itself (no dockerd, containerd or shim on
 the path) could save per action; ActionFleet does not have one (issue #8 notes).
@@ -39,14 +40,12 @@ ENGINE_STATE = (  # where the engine's containerd keeps each task's bundle
     "/run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby",
     "/run/containerd/io.containerd.runtime.v2.task/moby",
 )
-CGROUP_PARENT = "actionfleet-bench"
 
 
-def make_bundle(engine: Engine, where: Path) -> dict:
-    """A runc bundle for the sandbox: the engine's own OCI config of a started sandbox
-    container, and the image's files exported next to it."""
+def make_bundle(engine: Engine, kwargs: dict, where: Path) -> None:
+    """A runc bundle for the sandbox in ``where``: the engine's own OCI config of a started
+    sandbox container, and the image's files exported next to it."""
     api = engine.sandbox._api
-    kwargs = engine.create_kwargs("exited")
     cid = api.create_container(**dict(kwargs, labels=engine._labels()))["Id"]
     try:
         api.start(cid)  # the runner waits for a request on stdin: the bundle exists now
@@ -59,7 +58,8 @@ def make_bundle(engine: Engine, where: Path) -> dict:
         rootfs.mkdir()
         export = subprocess.Popen(["docker", "export", cid], stdout=subprocess.PIPE)
         subprocess.run(["tar", "-C", str(rootfs), "-xf", "-"], stdin=export.stdout, check=True)
-        export.wait()
+        if export.wait():
+            raise SystemExit(f"docker export {cid[:12]} failed")
     finally:
         engine.sandbox._remove(cid)
     config["root"] = {"path": str(rootfs), "readonly": True}
@@ -67,13 +67,12 @@ def make_bundle(engine: Engine, where: Path) -> dict:
     # /etc/hosts, /etc/hostname, /etc/resolv.conf are bind mounts of the engine's own files.
     config["mounts"] = [m for m in config["mounts"] if not m["destination"].startswith("/etc/")]
     config["process"]["terminal"] = False
-    return config
+    config["linux"].pop("cgroupsPath", None)  # the engine's; runc's default: /<container id>
+    (where / "config.json").write_text(json.dumps(config))
 
 
-def runc_lifecycle(bundle: Path, config: dict, request: bytes, nonce: str, n: int) -> float:
-    cid = f"af-bench-{secrets.token_hex(4)}-{n}"
-    config["linux"]["cgroupsPath"] = f"/{CGROUP_PARENT}/{cid}"
-    (bundle / "config.json").write_text(json.dumps(config))
+def runc_lifecycle(bundle: Path, request: bytes, nonce: str) -> float:
+    cid = f"af-bench-{secrets.token_hex(6)}"
     t = time.perf_counter()
     out = subprocess.run(
         ["runc", "run", "--bundle", str(bundle), cid], input=request, capture_output=True
@@ -84,16 +83,6 @@ def runc_lifecycle(bundle: Path, config: dict, request: bytes, nonce: str, n: in
     )
     assert frame is not None and frame["exit_code"] == 0, (out.returncode, out.stderr[-500:])
     return wall
-
-
-def remove_cgroups() -> None:
-    for controller in Path("/sys/fs/cgroup").iterdir():
-        parent = controller / CGROUP_PARENT
-        if parent.is_dir():
-            for child in parent.iterdir():
-                if child.is_dir():
-                    child.rmdir()
-            parent.rmdir()
 
 
 def main() -> None:
@@ -115,22 +104,21 @@ def main() -> None:
     wall: dict[str, list[float]] = {"engine": [], "runc": []}
     with tempfile.TemporaryDirectory(prefix="af-runc-") as tmp:
         bundle = Path(tmp)
-        config = make_bundle(engine, bundle)
+        make_bundle(engine, kwargs, bundle)
         try:
             for _ in range(args.rounds):
                 for subject in ("engine", "runc"):
                     busy = machine_busy_s()
-                    for i in range(args.n):
+                    for _ in range(args.n):
                         if subject == "engine":
                             t = time.perf_counter()
                             engine.lifecycle(kwargs, "exited", done)
                             wall[subject].append(time.perf_counter() - t)
                         else:
-                            wall[subject].append(runc_lifecycle(bundle, config, request, nonce, i))
+                            wall[subject].append(runc_lifecycle(bundle, request, nonce))
                     cpu[subject].append((machine_busy_s() - busy) * 1000 / args.n)
         finally:
             engine.cleanup()
-            remove_cgroups()
     base = statistics.median(cpu["engine"])
     print(f"{'subject':<8} {'CPU-ms/lifecycle':>17} {'rounds':>18} {'p50 ms':>7} {'x engine':>9}")
     for subject in ("engine", "runc"):
