@@ -189,7 +189,7 @@ class Engine:
     def lifecycle(
         self, kwargs: dict[str, Any], variant: str, done: queue.Queue[str | None]
     ) -> dict[str, float]:
-        from sandboxes.attach import read_frame
+        from sandboxes.frames import read_frame
         from sandboxes.docker import close_stdin
 
         api, times = self.sandbox._api, {}

@@ -278,9 +278,9 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         tag = build_image(force=args.force, progress=lambda m: _eprint(f"sandbox image: {m}"))
         print(tag)
         return EXIT_OK
-    from sandboxes.docker import DockerSandbox
+    from sandboxes import open_backend
 
-    sandbox = DockerSandbox(runtime=get_settings().sandbox_runtime)
+    sandbox = open_backend(get_settings())
     try:
         removed = sandbox.reap_all() if args.all else sandbox.reap()
     finally:

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -47,7 +47,16 @@ class Settings(BaseSettings):
         None,
         description="pin the worker to these CPUs, e.g. 0, 0-3 or 0,2 (worker --cpus)",
     )
+    sandbox_backend: Literal["docker", "runc"] = Field(
+        "docker",
+        description="docker: containers through the engine; runc: the same containers run "
+        "by runc directly (root, no dockerd on the path; runtime runc only)",
+    )
     sandbox_runtime: Literal["runc", "runsc"] = Field("runc", description="OCI runtime")
+    sandbox_runc_dir: Path = Field(
+        Path("/var/lib/actionfleet/runc"),
+        description="runc backend: image templates and per-container bundles",
+    )
     sandbox_image: str | None = Field(None, description="override the built sandbox image tag")
     debian_mirror: str = Field("http://deb.debian.org/debian", description="for sandbox build")
     sandbox_pool_size: int = Field(
@@ -109,6 +118,15 @@ class Settings(BaseSettings):
     email_outbox_ttl_s: int = Field(
         30 * 86_400, ge=60, description="how long an email's exactly-once record is kept"
     )
+
+    @model_validator(mode="after")
+    def _backend_runtime(self) -> Settings:
+        if self.sandbox_backend == "runc" and self.sandbox_runtime != "runc":
+            raise ValueError(
+                "sandbox_backend 'runc' runs runc only: set ACTIONFLEET_SANDBOX_RUNTIME=runc, "
+                "or ACTIONFLEET_SANDBOX_BACKEND=docker for gVisor (runsc)"
+            )
+        return self
 
     @field_validator("worker_cpus")
     @classmethod

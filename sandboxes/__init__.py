@@ -1,30 +1,40 @@
-"""Isolated execution: the sandbox interface, the Docker backend (runc or gVisor), the image.
+"""Isolated execution: the sandbox interface, the Docker backend (runc or gVisor), the runc
+backend (the same containers without the engine on the path), the warm pool, the image.
 
-``sandboxes.base`` is dependency-free; the Docker parts import the ``docker`` SDK (the
+``sandboxes.base`` is dependency-free; the backends import the ``docker`` SDK (the
 ``worker`` extra), so they are loaded lazily on first attribute access.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sandboxes.base import Limits, RunOutcome, RunSpec, Sandbox, Usage
+from sandboxes.base import Limits, RunOutcome, RunSpec, Sandbox, Usage, WarmBackend
+
+if TYPE_CHECKING:
+    from producer.config import Settings
 
 __all__ = [
     "DockerSandbox",
     "Limits",
+    "PooledSandbox",
     "RunOutcome",
     "RunSpec",
+    "RuncSandbox",
     "Sandbox",
     "Usage",
+    "WarmBackend",
     "build_image",
     "ensure_image",
     "image_tag",
+    "open_backend",
 ]
 
 _LAZY = {
     "DockerSandbox": "sandboxes.docker",
+    "PooledSandbox": "sandboxes.pool",
+    "RuncSandbox": "sandboxes.runc",
     "build_image": "sandboxes.image",
     "ensure_image": "sandboxes.image",
     "image_tag": "sandboxes.image",
@@ -36,3 +46,14 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'sandboxes' has no attribute {name!r}")
     return getattr(import_module(module), name)
+
+
+def open_backend(settings: Settings) -> WarmBackend:
+    """The backend the settings name (``sandbox_backend``), with its runtime."""
+    if settings.sandbox_backend == "runc":
+        from sandboxes.runc import RuncSandbox
+
+        return RuncSandbox(image=settings.sandbox_image, directory=settings.sandbox_runc_dir)
+    from sandboxes.docker import DockerSandbox
+
+    return DockerSandbox(runtime=settings.sandbox_runtime, image=settings.sandbox_image)

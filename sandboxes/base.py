@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
+Backend = Literal["docker", "runc"]
 Language = Literal["python", "bash"]
 Runtime = Literal["runc", "runsc"]
 WorkspaceMode = Literal["ro", "rw"]
@@ -82,3 +83,37 @@ class Sandbox(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Warm:
+    """A started sandbox whose runner waits for its one request (``WarmBackend``)."""
+
+    id: str  # container id
+    expires: float  # the container's expiry label (wall clock)
+    created: float  # wall clock
+    handle: Any  # the backend's connection to the runner (attach socket, pipes)
+
+
+class WarmBackend(Sandbox, Protocol):
+    """A backend the warm pool (``sandboxes.pool``) can pre-start sandboxes with.
+
+    ``start_warm`` makes a sandbox of ``limits`` (timeout and output caps aside: they travel
+    in the request) carrying ``labels``, started and waiting; ``run_warm`` runs one spec in
+    it, exactly as ``run`` would decide the outcome, and leaves the ending to ``retire``,
+    which the pool calls once per warm sandbox, used or not, off the caller's path.
+    Failures to start raise ``producer.errors.SandboxError``.
+    """
+
+    image: str
+    kill_grace_s: float
+
+    def start_warm(self, limits: Limits, labels: dict[str, str]) -> Warm: ...
+
+    def run_warm(self, warm: Warm, spec: RunSpec) -> RunOutcome: ...
+
+    def retire(self, warm: Warm) -> None: ...
+
+    def warm_alive(self, warm: Warm) -> bool:
+        """False once the sandbox died or its connection closed (never hand it out)."""
+        ...

@@ -31,10 +31,7 @@ Leftovers (a worker that died mid-run, a daemon hiccup on remove) carry labels s
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -58,19 +55,27 @@ from sandboxes.base import (
     RunOutcome,
     RunSpec,
     Runtime,
-    Usage,
+    Warm,
+)
+from sandboxes.frames import (
+    encode_request,
+    fd_closed,
+    frame_outcome,
+    json_frame,
+    killed_outcome,
+    parse_frame,
+    read_frame,
 )
 from sandboxes.image import ensure_image
 from sandboxes.reaper import (
     LABEL_EXPIRES,
     LABEL_OWNER,
     LABEL_PREFIX,
-    LABEL_RUNTIME,
     LABEL_SANDBOX,
     end_orphaned_runtime_processes,
     list_sandbox_containers,
-    owner_label,
     reap_containers,
+    run_labels,
 )
 
 __all__ = [
@@ -91,9 +96,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-# Beyond timeout + grace, how long a container may exist before any process may reap it:
-# covers a slow create/start, sending a large stdin, reading the log and removing.
-EXPIRY_SLACK_S = 60.0
 # Bound for the Docker calls around a run (create, start, logs, inspect, remove).
 API_TIMEOUT_S = 60
 SEND_TIMEOUT_S = 30.0
@@ -108,52 +110,6 @@ EXIT_SIGKILL = 128 + signal.SIGKILL  # 137: how Docker reports a SIGKILLed PID 1
 # per sandbox) and the host cgroup limit is only a backstop sized above it.
 RUNSC_HOST_TASKS_BASE = 64
 RUNSC_HOST_TASKS_PER_PROC = 20  # a bash fork bomb crashed the sentry at 10, not at 16
-
-
-def encode_request(spec: RunSpec, nonce: str, *, max_procs: int | None = None) -> bytes:
-    """The runner's request: a JSON header line, the source, then the program's stdin."""
-    source = spec.source.encode("utf-8")
-    header: dict[str, Any] = {
-        "v": 1,
-        "language": spec.language,
-        "source_len": len(source),
-        "timeout_s": spec.limits.timeout_s,
-        "output_bytes": spec.limits.output_bytes,
-        "nonce": nonce,
-    }
-    if max_procs is not None:
-        header["max_procs"] = max_procs
-    return json.dumps(header).encode() + b"\n" + source + spec.stdin
-
-
-def parse_frame(logs: bytes, nonce: str) -> dict[str, Any] | None:
-    """The runner's result frame in the container's stdout log, or None if absent/garbled.
-
-    The last line carrying our nonce wins: the runner writes it after every program process
-    is dead, so a program that reached the log stream (possible under gVisor) cannot follow
-    it. A nonce-less ``ok: false`` refusal counts only as the sole output of the run.
-    """
-    lines = [line for line in logs.splitlines() if line.strip()]
-    for line in reversed(lines):
-        frame = json_frame(line)
-        if frame is not None and frame.get("nonce") == nonce:
-            return frame
-    if len(lines) == 1:
-        frame = json_frame(lines[0])
-        if frame is not None and frame.get("nonce") is None and frame.get("ok") is False:
-            return frame
-    return None
-
-
-def json_frame(line: bytes) -> dict[str, Any] | None:
-    """One log line as a protocol-v1 frame, or None."""
-    if not line.startswith(b"{"):
-        return None
-    try:
-        frame = json.loads(line)
-    except ValueError:
-        return None
-    return frame if isinstance(frame, dict) and frame.get("v") == 1 else None
 
 
 class DockerSandbox:
@@ -225,6 +181,77 @@ class DockerSandbox:
         if self._owns_client:
             self._client.close()
 
+    # ------------------------------------------------------------------ warm (WarmBackend)
+
+    def start_warm(self, limits: Limits, labels: dict[str, str]) -> Warm:
+        """Create, attach (stdin, and stdout for the frame) and start a container whose
+        runner waits for its request (``sandboxes.pool``)."""
+        cid, started_ok = "", False
+        try:
+            cid = self._create(RunSpec(language="python", source="", limits=limits), labels)
+            wrapper, sock = self._attach_stdin(cid, stdout=True)
+            try:
+                self._api.start(cid)
+                started_ok = True
+            except BaseException:
+                close_stdin(wrapper, sock)
+                raise
+            warm = Warm(cid, float(labels[LABEL_EXPIRES]), time.time(), (wrapper, sock))
+            cid = ""  # handed over
+            return warm
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise SandboxError(f"could not start a warm sandbox container: {exc}") from exc
+        finally:
+            if cid:
+                self._remove(cid)
+                if not started_ok:
+                    end_orphaned_runtime_processes(cid)
+
+    def warm_alive(self, warm: Warm) -> bool:
+        return not fd_closed(warm.handle[1])
+
+    def run_warm(self, warm: Warm, spec: RunSpec) -> RunOutcome:
+        """Send the request to a warm container and decide the outcome as ``run`` does."""
+        cid, (wrapper, sock) = warm.id, warm.handle
+        self._note_network(spec)
+        nonce = secrets.token_hex(16)
+        max_procs = spec.limits.pids if self.runtime == "runsc" else None
+        started = time.monotonic()
+        deadline = started + spec.limits.timeout_s + self.kill_grace_s
+        try:
+            try:
+                self._send(cid, sock, encode_request(spec, nonce, max_procs=max_procs))
+                frame, watchdog_fired = read_frame(sock, nonce, deadline, spec.limits)
+            finally:
+                close_stdin(wrapper, sock)
+            if frame is not None and self.runtime == "runc":
+                # The fast path: the frame is final (see read_frame), so the container's exit
+                # is not waited for (~40 ms of runtime teardown under runc). The runner's own
+                # cgroup OOM counter stands in for Docker's State.OOMKilled. Not under gVisor:
+                # there a program can open the runner's stdout (/proc/1/fd/1), so only the
+                # LAST nonce line after the container's exit is trusted, as on the cold path.
+                wall_ms = int((time.monotonic() - started) * 1000)
+                return self._outcome(cid, frame, {}, False, wall_ms)
+            # No frame on the stream: the runner died, or missed its deadline. Decide exactly
+            # as a cold run does, from the exit state and the log.
+            if watchdog_fired:
+                log.warning("sandbox %s outlived its deadline; killing it", cid[:12])
+                with contextlib.suppress(docker.errors.APIError):
+                    self._api.kill(cid)
+            self._api.wait(cid, timeout=API_TIMEOUT_S)
+            frame = parse_frame(self._logs(cid, stdout=True), nonce)
+            state = self._api.inspect_container(cid)["State"]
+            wall_ms = int((time.monotonic() - started) * 1000)
+            return self._outcome(cid, frame, state, watchdog_fired, wall_ms)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise SandboxError(f"sandbox run failed (warm container {cid[:12]}): {exc}") from exc
+
+    def retire(self, warm: Warm) -> None:
+        # Closing stdin is EOF for a runner still waiting: it refuses the empty request and
+        # exits by itself, so retiring it needs no kill.
+        close_stdin(*warm.handle)
+        self._retire(warm.id)
+
     # ------------------------------------------------------------------ steps
 
     @property
@@ -237,18 +264,7 @@ class DockerSandbox:
             log.warning("RunSpec.network=True is not implemented yet; running with no network")
 
     def _labels(self, spec: RunSpec) -> dict[str, str]:
-        limits = spec.limits
-        expires = time.time() + limits.timeout_s + self.kill_grace_s + EXPIRY_SLACK_S
-        labels = {f"{LABEL_PREFIX}{k}": str(v) for k, v in spec.labels.items()}
-        labels.update(  # after the caller's, so they cannot be overridden
-            {
-                LABEL_SANDBOX: "1",
-                LABEL_OWNER: owner_label(),
-                LABEL_EXPIRES: str(int(expires) + 1),
-                LABEL_RUNTIME: self.runtime,
-            }
-        )
-        return labels
+        return run_labels(spec, self.runtime, self.kill_grace_s)
 
     def _host_config(self, limits: Limits, spec: RunSpec | None = None) -> dict[str, Any]:
         # exec is allowed so `chmod +x x.sh && ./x.sh` works; the program can run arbitrary
@@ -364,7 +380,8 @@ class DockerSandbox:
         if frame is not None and not frame.get("ok"):
             raise SandboxError(f"the sandbox runner refused the request: {frame.get('error')}")
         if frame is not None:
-            return self._outcome_from_frame(container_id, frame, state, watchdog_fired)
+            oom = bool(state.get("OOMKilled"))
+            return frame_outcome(frame, container_id[:12], self.runtime, watchdog_fired, oom)
         exit_code = state.get("ExitCode")
         # No frame: the runner itself died. Killed by us (timeout) or by the OOM killer are
         # the program's doing; anything else is a broken sandbox.
@@ -375,44 +392,7 @@ class DockerSandbox:
                 f"the sandbox runner exited {exit_code} without a result: "
                 f"{tail.decode('utf-8', 'replace').strip() or 'no output'}"
             )
-        return RunOutcome(
-            exit_code=None,
-            stdout=b"",
-            stderr=b"",
-            stdout_truncated=False,
-            stderr_truncated=False,
-            timed_out=watchdog_fired,
-            oom_killed=oom,
-            usage=Usage(wall_ms=wall_ms),
-            sandbox_id=container_id[:12],
-            runtime=self.runtime,
-        )
-
-    def _outcome_from_frame(
-        self,
-        container_id: str,
-        frame: dict[str, Any],
-        state: dict[str, Any],
-        watchdog_fired: bool,
-    ) -> RunOutcome:
-        usage = frame.get("usage") or {}
-        return RunOutcome(
-            exit_code=frame.get("exit_code"),
-            stdout=_b64(frame.get("stdout_b64")),
-            stderr=_b64(frame.get("stderr_b64")),
-            stdout_truncated=bool(frame.get("stdout_truncated")),
-            stderr_truncated=bool(frame.get("stderr_truncated")),
-            timed_out=bool(frame.get("timed_out")) or watchdog_fired,
-            oom_killed=bool(frame.get("oom_killed")) or bool(state.get("OOMKilled")),
-            usage=Usage(
-                cpu_user_s=float(usage.get("utime_s", 0.0)),
-                cpu_system_s=float(usage.get("stime_s", 0.0)),
-                max_rss_kb=int(usage.get("maxrss_kb", 0)),
-                wall_ms=int(usage.get("wall_ms", 0)),
-            ),
-            sandbox_id=container_id[:12],
-            runtime=self.runtime,
-        )
+        return killed_outcome(container_id[:12], self.runtime, watchdog_fired, oom, wall_ms)
 
     def _retire(self, container_id: str, exit_wait_s: float = RETIRE_EXIT_WAIT_S) -> None:
         """Remove a container whose runner is done or whose stdin was closed (the runner then
@@ -466,10 +446,3 @@ def _workspace_mounts(spec: RunSpec | None) -> list[Mount]:
             propagation="rprivate",
         )
     ]
-
-
-def _b64(text: str | None) -> bytes:
-    try:
-        return base64.b64decode(text or "", validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise SandboxError(f"garbled output in the sandbox result frame: {exc}") from exc

@@ -1,19 +1,19 @@
-"""A warm pool for the Docker sandbox: pre-started containers, each used by ONE run.
+"""A warm pool for a sandbox backend: pre-started containers, each used by ONE run.
 
-A cold run pays create + attach + start before the program can begin, and remove after it
-(``sandboxes/docker.py``). The runner (PID 1) blocks reading its framed request on stdin
-before doing anything, so those steps can happen ahead of time: a *warm* container was
-created with stdin open, attached and started, and is waiting. A run takes one, sends it
-the request (the per-run nonce is in the request, so nothing inside could know it in
-advance), half-closes, waits, reads the frame and inspects the state exactly as a cold run
-does; the container is then removed in the background once its runner has exited by
-itself (a kill would cost the engine more). It is never handed out again, whatever
-happened in it (exit, timeout, OOM, error).
+A cold run pays create + start before the program can begin, and remove after it
+(``sandboxes/docker.py``, ``sandboxes/runc.py``). The runner (PID 1) blocks reading its
+framed request on stdin before doing anything, so those steps can happen ahead of time: a
+*warm* container was created with stdin open, connected and started, and is waiting
+(``WarmBackend.start_warm``). A run takes one, sends it the request (the per-run nonce is
+in the request, so nothing inside could know it in advance), reads the frame and decides
+the outcome exactly as a cold run does (``run_warm``); the container is then removed in
+the background once its runner has exited by itself (``retire``; a kill would cost more).
+It is never handed out again, whatever happened in it (exit, timeout, OOM, error).
 
 Profiles: a warm container is only usable by a run whose limits it was created with. The
 profile is what is fixed at create time: runtime, image, memory, CPUs, pids, tmpfs size.
 Timeout and output caps travel in the request. Runs with a workspace mount (a per-tenant
-bind mount) or a profile with no warm container take the cold path (``DockerSandbox.run``).
+bind mount) or a profile with no warm container take the cold path (the backend's ``run``).
 
 Sizing: per profile, the pool keeps ``peak concurrent runs in the last demand window +
 max(1, runs/s over the last 5 s x seconds to get a warm container ready)`` warm (or
@@ -23,8 +23,9 @@ containers together are capped by ``max_memory_mb`` (counted at their memory lim
 upper bound of what they can use).
 
 Leftovers: pooled containers carry the sandbox labels (``actionfleet.sandbox=1``, owner
-``<host>:<pid>``, expiry) plus ``actionfleet.pool=1``, so ``reap_containers`` removes them
-once their worker process is gone (the worker's start-up reaper) or they expire. The pool
+``<host>:<pid>``, expiry) plus ``actionfleet.pool=1`` (OCI annotations under runc), so the
+backend's ``reap`` removes them once their worker process is gone (the worker's start-up
+reaper) or they expire. The pool
 retires a warm container at half its TTL and never hands out one whose expiry could fall
 inside the run, so a live pool's containers are never reaped under it.
 """
@@ -34,8 +35,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import secrets
-import socket
 import threading
 import time
 from collections import deque
@@ -44,28 +43,18 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any
 
-import docker.errors
-import requests.exceptions
-
 from producer.errors import SandboxError
-from sandboxes.attach import read_frame, socket_closed
-from sandboxes.base import Limits, RunOutcome, RunSpec, Runtime
-from sandboxes.docker import (
-    API_TIMEOUT_S,
+from sandboxes.base import Limits, RunOutcome, RunSpec, Runtime, Warm, WarmBackend
+from sandboxes.reaper import (
     EXPIRY_SLACK_S,
     LABEL_EXPIRES,
     LABEL_OWNER,
     LABEL_RUNTIME,
     LABEL_SANDBOX,
-    DockerSandbox,
-    close_stdin,
-    encode_request,
-    end_orphaned_runtime_processes,
-    parse_frame,
+    owner_label,
 )
-from sandboxes.reaper import owner_label
 
-__all__ = ["LABEL_POOL", "PooledDockerSandbox", "Profile"]
+__all__ = ["LABEL_POOL", "PooledDockerSandbox", "PooledSandbox", "Profile"]
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +97,6 @@ class Profile:
 
 
 @dataclass(slots=True)
-class _Warm:
-    container_id: str
-    wrapper: Any  # docker-py's attach response; closing it closes the connection
-    sock: socket.socket
-    expires: float  # the container's expiry label (wall clock)
-    created: float  # wall clock
-
-
-@dataclass(slots=True)
 class _Demand:
     in_flight: int = 0
     last_used: float = 0.0  # monotonic; 0 = never
@@ -148,18 +128,19 @@ class _Demand:
         return recent / window_s
 
 
-class PooledDockerSandbox:
-    """``Sandbox`` serving runs from warm containers, falling back to ``DockerSandbox.run``.
+class PooledSandbox:
+    """``Sandbox`` serving runs from warm containers, falling back to the backend's ``run``.
 
-    ``sandbox``: the cold backend (its client, image, runtime and grace are used; it is
-    closed by ``close()``). ``max_per_profile``: most warm containers of one profile.
+    ``sandbox``: the backend (``DockerSandbox`` or ``RuncSandbox``; its image, runtime and
+    grace are used; it is closed by ``close()``). ``max_per_profile``: most warm
+    containers of one profile.
     ``max_memory_mb``: cap on the sum of the memory limits of all warm containers.
     ``prewarm``: limits whose profile is kept warm (>= 1) even with no demand yet.
     """
 
     def __init__(
         self,
-        sandbox: DockerSandbox,
+        sandbox: WarmBackend,
         *,
         max_per_profile: int = 4,
         max_memory_mb: int = 2048,
@@ -169,7 +150,7 @@ class PooledDockerSandbox:
         workers: int = DEFAULT_WORKERS,
     ) -> None:
         if max_per_profile < 1:
-            raise ValueError("max_per_profile must be >= 1 (use DockerSandbox for no pool)")
+            raise ValueError("max_per_profile must be >= 1 (use the backend alone for no pool)")
         self.cold = sandbox
         self.runtime: Runtime = sandbox.runtime
         self.max_per_profile = max_per_profile
@@ -177,7 +158,7 @@ class PooledDockerSandbox:
         self.ttl_s = ttl_s
         self.demand_window_s = demand_window_s
         self._lock = threading.Condition()
-        self._warm: dict[Profile, deque[_Warm]] = {}
+        self._warm: dict[Profile, deque[Warm]] = {}
         self._creating: dict[Profile, int] = {}
         self._demand: dict[Profile, _Demand] = {}
         self._failed_at: dict[Profile, float] = {}
@@ -242,21 +223,21 @@ class PooledDockerSandbox:
 
     def warm_ids(self) -> list[str]:
         with self._lock:
-            return [w.container_id for d in self._warm.values() for w in d]
+            return [w.id for d in self._warm.values() for w in d]
 
     # ------------------------------------------------------------------ taking and running
 
-    def _take(self, profile: Profile, limits: Limits) -> _Warm | None:
+    def _take(self, profile: Profile, limits: Limits) -> Warm | None:
         # The container's expiry must lie beyond the whole run, or another process's reaper
         # could remove it mid-run.
         needed = limits.timeout_s + self.cold.kill_grace_s + EXPIRY_SLACK_S
-        stale: list[_Warm] = []
+        stale: list[Warm] = []
         taken = None
         with self._lock:
             entries = self._warm.get(profile)
             while entries:
                 entry = entries.popleft()
-                if entry.expires - time.time() >= needed and not socket_closed(entry.sock):
+                if entry.expires - time.time() >= needed and self.cold.warm_alive(entry):
                     taken = entry
                     break
                 stale.append(entry)
@@ -264,44 +245,13 @@ class PooledDockerSandbox:
             self._discard(entry)
         return taken
 
-    def _run_warm(self, warm: _Warm, spec: RunSpec) -> RunOutcome:
-        sandbox, cid = self.cold, warm.container_id
-        sandbox._note_network(spec)
-        nonce = secrets.token_hex(16)
-        max_procs = spec.limits.pids if self.runtime == "runsc" else None
-        started = time.monotonic()
-        deadline = started + spec.limits.timeout_s + sandbox.kill_grace_s
+    def _run_warm(self, warm: Warm, spec: RunSpec) -> RunOutcome:
         try:
-            try:
-                sandbox._send(cid, warm.sock, encode_request(spec, nonce, max_procs=max_procs))
-                frame, watchdog_fired = read_frame(warm.sock, nonce, deadline, spec.limits)
-            finally:
-                close_stdin(warm.wrapper, warm.sock)
-            if frame is not None and self.runtime == "runc":
-                # The fast path: the frame is final (see _read_frame), so the container's exit
-                # is not waited for (~40 ms of runtime teardown under runc). The runner's own
-                # cgroup OOM counter stands in for Docker's State.OOMKilled. Not under gVisor:
-                # there a program can open the runner's stdout (/proc/1/fd/1), so only the
-                # LAST nonce line after the container's exit is trusted, as on the cold path.
-                wall_ms = int((time.monotonic() - started) * 1000)
-                return sandbox._outcome(cid, frame, {}, False, wall_ms)
-            # No frame on the stream: the runner died, or missed its deadline. Decide exactly
-            # as a cold run does, from the exit state and the log.
-            if watchdog_fired:
-                log.warning("sandbox %s outlived its deadline; killing it", cid[:12])
-                with contextlib.suppress(docker.errors.APIError):
-                    sandbox._api.kill(cid)
-            sandbox._api.wait(cid, timeout=API_TIMEOUT_S)
-            frame = parse_frame(sandbox._logs(cid, stdout=True), nonce)
-            state = sandbox._api.inspect_container(cid)["State"]
-            wall_ms = int((time.monotonic() - started) * 1000)
-            return sandbox._outcome(cid, frame, state, watchdog_fired, wall_ms)
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise SandboxError(f"sandbox run failed (warm container {cid[:12]}): {exc}") from exc
+            return self.cold.run_warm(warm, spec)
         finally:
             # Used once, whatever happened: removed off the caller's critical path, after the
             # runner's own exit (it exits right after its frame) rather than killed.
-            self._submit(sandbox._retire, cid)
+            self._submit(self.cold.retire, warm)
 
     # ------------------------------------------------------------------ refilling
 
@@ -336,19 +286,19 @@ class PooledDockerSandbox:
                     return
                 self._lock.wait(TICK_S)
 
-    def _plan(self) -> tuple[list[Profile], list[_Warm]]:
+    def _plan(self) -> tuple[list[Profile], list[Warm]]:
         """Under the lock: which warm containers to create and which to retire now."""
         now, wall = time.monotonic(), time.time()
-        to_retire: list[_Warm] = []
+        to_retire: list[Warm] = []
         for profile, entries in self._warm.items():
             # Surplus is retired only once the profile's demand is gone (drained): while
             # runs keep coming, a container made for a rate that has since dipped is still
             # used soon, and retiring it would waste a whole container lifecycle.
             keep = self._target(profile, now) if self._idle(profile, now) else len(entries)
-            kept: deque[_Warm] = deque()
+            kept: deque[Warm] = deque()
             for entry in entries:
                 too_old = wall - entry.created > self.ttl_s / 2
-                if too_old or len(kept) >= keep or socket_closed(entry.sock):
+                if too_old or len(kept) >= keep or not self.cold.warm_alive(entry):
                     to_retire.append(entry)
                 else:
                     kept.append(entry)
@@ -380,56 +330,33 @@ class PooledDockerSandbox:
         }
 
     def _create_warm(self, profile: Profile, asked: float) -> None:
-        """Create, attach and start one warm container (``asked``: when the refill loop
-        asked for it, monotonic; the wait in the executor's queue counts towards
-        ``ready_s``)."""
-        sandbox, cid, started_ok = self.cold, "", False
+        """Start one warm container (``asked``: when the refill loop asked for it,
+        monotonic; the wait in the executor's queue counts towards ``ready_s``)."""
+        warm: Warm | None = None
         try:
-            labels = self._labels()
-            cid = sandbox._create(
-                RunSpec(language="python", source="", limits=profile.limits()), labels
-            )
-            wrapper, sock = sandbox._attach_stdin(cid, stdout=True)
-            try:
-                sandbox._api.start(cid)
-                started_ok = True
-            except BaseException:
-                close_stdin(wrapper, sock)
-                raise
-            entry = _Warm(cid, wrapper, sock, float(labels[LABEL_EXPIRES]), time.time())
+            warm = self.cold.start_warm(profile.limits(), self._labels())
             with self._lock:
                 if not self._closed:
-                    self._warm.setdefault(profile, deque()).append(entry)
+                    self._warm.setdefault(profile, deque()).append(warm)
                     self.stats["created"] += 1
                     took = time.monotonic() - asked
                     w = READY_EWMA_WEIGHT if self.ready_s else 1.0
                     self.ready_s = (1 - w) * self.ready_s + w * took
-                    cid = ""  # handed to the pool
-                else:
-                    close_stdin(wrapper, sock)
-        except (
-            docker.errors.DockerException,
-            requests.exceptions.RequestException,
-            SandboxError,
-        ) as exc:
+                    warm = None  # handed to the pool
+        except SandboxError as exc:
             log.warning("could not start a warm sandbox container: %s", exc)
             with self._lock:
                 self._failed_at[profile] = time.monotonic()
         finally:
             with self._lock:
                 self._creating[profile] -= 1
-            if cid:
-                sandbox._remove(cid)
-                if not started_ok:
-                    end_orphaned_runtime_processes(cid)
+            if warm is not None:  # the pool closed meanwhile
+                self.cold.retire(warm)
 
-    def _discard(self, entry: _Warm) -> None:
-        # Closing stdin is EOF for the waiting runner: it refuses the empty request and
-        # exits by itself, so retiring it needs no kill.
-        close_stdin(entry.wrapper, entry.sock)
+    def _discard(self, entry: Warm) -> None:
         with self._lock:
             self.stats["discarded"] += 1
-        self._submit(self.cold._retire, entry.container_id)
+        self._submit(self.cold.retire, entry)
 
     def _submit(self, fn: Any, *args: Any) -> None:
         try:
@@ -473,3 +400,7 @@ class PooledDockerSandbox:
             if short > 0 and memory + profile.memory_mb <= self.max_memory_mb:
                 return True
         return False
+
+
+# The name from when the pool had one backend (Docker).
+PooledDockerSandbox = PooledSandbox

@@ -20,8 +20,10 @@ import docker
 import docker.errors
 
 from producer.procs import pid_alive
+from sandboxes.base import RunSpec
 
 __all__ = [
+    "EXPIRY_SLACK_S",
     "LABEL_EXPIRES",
     "LABEL_OWNER",
     "LABEL_PREFIX",
@@ -29,9 +31,11 @@ __all__ = [
     "LABEL_SANDBOX",
     "SANDBOX_FILTER",
     "end_orphaned_runtime_processes",
+    "is_stale",
     "list_sandbox_containers",
     "owner_label",
     "reap_containers",
+    "run_labels",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,9 @@ SANDBOX_FILTER = {"label": f"{LABEL_SANDBOX}=1"}
 # A failed gVisor start can leave its containerd shim running; these name such processes.
 RUNTIME_PROCESS_PREFIXES = (b"containerd-shim", b"runsc")
 ORPHAN_SETTLE_S = 1.0
+# Beyond timeout + grace, how long a container may exist before any process may reap it:
+# covers a slow create/start, sending a large stdin, reading the output and removing.
+EXPIRY_SLACK_S = 60.0
 
 
 def owner_label() -> str:
@@ -52,12 +59,28 @@ def owner_label() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def run_labels(spec: RunSpec, runtime: str, kill_grace_s: float) -> dict[str, str]:
+    """The labels of a cold run's container: the caller's (prefixed), then ours, which
+    they cannot override; it expires when no run could still legitimately need it."""
+    expires = time.time() + spec.limits.timeout_s + kill_grace_s + EXPIRY_SLACK_S
+    labels = {f"{LABEL_PREFIX}{k}": str(v) for k, v in spec.labels.items()}
+    labels.update(
+        {
+            LABEL_SANDBOX: "1",
+            LABEL_OWNER: owner_label(),
+            LABEL_EXPIRES: str(int(expires) + 1),
+            LABEL_RUNTIME: runtime,
+        }
+    )
+    return labels
+
+
 def list_sandbox_containers(client: docker.DockerClient) -> list[dict[str, Any]]:
     """Every ActionFleet sandbox container the engine has, running or not (API dicts)."""
     return client.api.containers(all=True, filters=SANDBOX_FILTER)
 
 
-def _is_stale(labels: dict[str, str], now: float, host: str) -> bool:
+def is_stale(labels: dict[str, str], now: float, host: str) -> bool:
     """Past its expiry, or owned by a process of this host that no longer exists."""
     try:
         if float(labels.get(LABEL_EXPIRES, "0")) < now:
@@ -74,7 +97,7 @@ def reap_containers(client: docker.DockerClient, *, everything: bool = False) ->
     """Remove stale sandbox containers (or all of them); returns how many were removed."""
     now, host, removed = time.time(), socket.gethostname(), 0
     for info in list_sandbox_containers(client):
-        if not everything and not _is_stale(info.get("Labels") or {}, now, host):
+        if not everything and not is_stale(info.get("Labels") or {}, now, host):
             continue
         try:
             client.api.remove_container(info["Id"], force=True)

@@ -280,10 +280,10 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 
 def _reap_once() -> None:
     """Remove sandbox containers left behind by dead workers or past their expiry."""
-    from sandboxes.docker import DockerSandbox
+    from sandboxes import open_backend
 
     try:
-        sandbox = DockerSandbox(runtime=settings.sandbox_runtime)
+        sandbox = open_backend(settings)
         try:
             removed = sandbox.reap()
         finally:

@@ -20,16 +20,16 @@ def _code(settings: Settings) -> Executor:
         from workers.executors.probe import ReliabilityProbeExecutor
 
         return ReliabilityProbeExecutor(settings.test_probe_dir or settings.home / "probe")
+    from sandboxes import open_backend
     from sandboxes.base import Limits
-    from sandboxes.docker import DockerSandbox
     from workers.executors.code import CodeExecutor
     from workers.workspace import Workspaces
 
     workspaces = Workspaces(settings.resolved_workspace_root())
-    sandbox = DockerSandbox(runtime=settings.sandbox_runtime)
+    sandbox = open_backend(settings)
     if settings.sandbox_pool_size == 0:
         return CodeExecutor(sandbox, workspaces)
-    from sandboxes.pool import PooledDockerSandbox
+    from sandboxes.pool import PooledSandbox
     from workers.policy import PolicyEngine
 
     # The default tenant's default limits are what most actions run with: keep that profile
@@ -41,7 +41,7 @@ def _code(settings: Settings) -> Executor:
         pids=code.pids,
         tmpfs_mb=code.tmpfs_mb,
     )
-    pooled = PooledDockerSandbox(
+    pooled = PooledSandbox(
         sandbox,
         max_per_profile=settings.sandbox_pool_size,
         max_memory_mb=settings.sandbox_pool_max_memory_mb,

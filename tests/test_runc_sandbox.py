@@ -1,0 +1,346 @@
+"""The runc backend (sandboxes/runc.py) and the warm pool on it, with real runc containers.
+
+The engine is needed once, to make the template from the sandbox image. Each test module
+run gets its own backend directory (template, bundles, runc state), and ends with a check
+that no container, bundle or cgroup of it is left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from producer.config import Settings
+from producer.errors import SandboxError
+from sandboxes import open_backend
+from sandboxes.base import Limits, RunOutcome, RunSpec
+from sandboxes.pool import PooledSandbox
+from sandboxes.runc import CGROUP_PARENT, RuncSandbox
+from tests.services import require
+
+ROOT = Path(__file__).resolve().parent.parent
+LIMITS = Limits(timeout_s=10, memory_mb=128, pids=64, output_bytes=65536)
+MARKER_PROGRAM = """
+import json, os, socket
+paths = ["/tmp/actionfleet-used", "/work/actionfleet-used"]
+seen = [p for p in paths if os.path.exists(p)]
+for p in paths:
+    open(p, "w").write("used")
+print(json.dumps({"seen": seen, "host": socket.gethostname()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def runc_dir(tmp_path_factory: pytest.TempPathFactory, sandbox_image: str) -> Iterator[Path]:
+    require(
+        os.geteuid() == 0 and shutil.which("runc") is not None,
+        "root and runc on PATH (the runc sandbox backend)",
+    )
+    directory = tmp_path_factory.mktemp("runc")
+    yield directory
+    # Nothing of any test may be left: containers (runc state), bundles, cgroups.
+    backend = RuncSandbox(image=sandbox_image, directory=directory)
+    left = backend.containers()
+    bundles = list((directory / "bundles").glob("*"))
+    cgroups = [c.name for c in Path(f"/sys/fs/cgroup/memory/{CGROUP_PARENT}").glob("*")]
+    cgroups = [c for c in cgroups if c in {b.name for b in bundles} | set(left)]
+    backend.reap_all()
+    assert (left, bundles, cgroups) == ([], [], [])
+
+
+@pytest.fixture(scope="module")
+def runc(runc_dir: Path, sandbox_image: str) -> RuncSandbox:
+    return RuncSandbox(image=sandbox_image, directory=runc_dir)
+
+
+@pytest.fixture
+def make_pool(runc: RuncSandbox) -> Iterator[Callable[..., PooledSandbox]]:
+    made: list[PooledSandbox] = []
+
+    def make(**kwargs: object) -> PooledSandbox:
+        # A pool closes its backend; a fresh one shares the module's directory.
+        backend = RuncSandbox(image=runc.image, directory=runc.directory)
+        pool = PooledSandbox(backend, **kwargs)  # type: ignore[arg-type]
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
+def run(sandbox: RuncSandbox | PooledSandbox, source: str, **limits: object) -> RunOutcome:
+    spec_limits = dataclasses.replace(LIMITS, **limits)  # type: ignore[arg-type]
+    return sandbox.run(RunSpec(language="python", source=source, limits=spec_limits))
+
+
+def grow(pool: PooledSandbox, n: int) -> None:
+    """Demand of ``n`` concurrent runs, so that the pool grows to ``n`` warm containers."""
+    with ThreadPoolExecutor(n) as ex:
+        list(ex.map(lambda _: run(pool, "pass"), range(n)))
+    wait_warm(pool, n)
+
+
+def wait_warm(pool: PooledSandbox, n: int = 1) -> None:
+    """Until ``n`` containers are warm (a bound, not a timing assertion)."""
+    end = time.monotonic() + 60
+    while pool.warm_count(LIMITS) < n:
+        assert time.monotonic() < end, f"pool never reached {n} warm: {pool.stats}"
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def test_runs_a_program_and_reports_its_output(runc: RuncSandbox) -> None:
+    outcome = runc.run(
+        RunSpec(
+            language="python",
+            source="import sys; print(sys.stdin.read().upper()); sys.exit(3)",
+            stdin=b"hello",
+            limits=LIMITS,
+        )
+    )
+    assert (outcome.exit_code, outcome.stdout, outcome.runtime) == (3, b"HELLO\n", "runc")
+    assert not outcome.timed_out and not outcome.oom_killed
+    assert outcome.sandbox_id not in runc.containers()  # deleted after the run
+    bash = runc.run(RunSpec(language="bash", source="echo $((6*7)) >&2", limits=LIMITS))
+    assert (bash.exit_code, bash.stderr) == (0, b"42\n")
+
+
+def test_every_run_gets_a_fresh_container(runc: RuncSandbox) -> None:
+    outcomes = [run(runc, MARKER_PROGRAM) for _ in range(3)]
+    assert [json.loads(o.stdout)["seen"] for o in outcomes] == [[], [], []]
+    assert len({o.sandbox_id for o in outcomes}) == 3
+
+
+HARDENING_PROGRAM = r"""
+import json, os
+status = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines())
+def writable(path):
+    try:
+        open(path, "w").close()
+        return True
+    except OSError:
+        return False
+def cg(name):
+    for root in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup"):
+        try:
+            return open(f"{root}/{name}").read().strip()
+        except OSError:
+            pass
+print(json.dumps({
+    "uid": os.getuid(), "gid": os.getgid(),
+    "cap_eff": status["CapEff"].strip(), "cap_bnd": status["CapBnd"].strip(),
+    "no_new_privs": status["NoNewPrivs"].strip(), "seccomp": status["Seccomp"].strip(),
+    "interfaces": sorted(os.listdir("/sys/class/net")),
+    "root_writable": writable("/etc/x"), "tmp_writable": writable("/tmp/x"),
+    "memory_limit": cg("memory.limit_in_bytes") or cg("memory.max"),
+}))
+"""
+
+
+def test_container_is_locked_down_like_the_docker_backend(runc: RuncSandbox) -> None:
+    outcome = run(runc, HARDENING_PROGRAM, memory_mb=96)
+    assert outcome.exit_code == 0, outcome.stderr
+    got = json.loads(outcome.stdout)
+    assert (got["uid"], got["gid"]) == (10001, 10001)
+    assert got["cap_eff"] == got["cap_bnd"] == "0000000000000000"
+    assert (got["no_new_privs"], got["seccomp"]) == ("1", "2")
+    assert got["interfaces"] == ["lo"]  # no network: a namespace with loopback only
+    assert (got["root_writable"], got["tmp_writable"]) == (False, True)
+    assert got["memory_limit"] == str(96 * 1024 * 1024)
+
+
+def test_program_cannot_reach_the_host_network(runc: RuncSandbox) -> None:
+    source = (
+        "import socket\n"
+        "try:\n"
+        "    socket.create_connection(('127.0.0.1', 22), timeout=2)\n"
+        "    print('connected')\n"
+        "except OSError as e:\n"
+        "    print(type(e).__name__)\n"
+    )
+    # The container's loopback is its own: the host's 127.0.0.1 is not there.
+    assert run(runc, source).stdout == b"ConnectionRefusedError\n"
+
+
+def test_timeout_kills_the_program_and_removes_the_container(runc: RuncSandbox) -> None:
+    outcome = run(runc, "import time; time.sleep(30)", timeout_s=1)
+    assert outcome.timed_out and outcome.exit_code is None
+    assert outcome.sandbox_id not in runc.containers()
+
+
+def test_memory_bomb_is_reported_as_oom(runc: RuncSandbox) -> None:
+    outcome = run(runc, "b = []\nwhile True: b.append(bytearray(8 << 20))", memory_mb=64)
+    assert outcome.oom_killed and not outcome.timed_out
+    assert outcome.sandbox_id not in runc.containers()
+
+
+def test_process_count_is_bounded_by_the_pids_limit(runc: RuncSandbox) -> None:
+    source = (
+        "import subprocess\n"
+        "procs = []\n"
+        "try:\n"
+        "    for _ in range(100):\n"
+        "        procs.append(subprocess.Popen(['sleep', '5']))\n"
+        "except OSError as e:\n"
+        "    print(len(procs), e.errno)\n"
+    )
+    outcome = run(runc, source, pids=16)
+    started, errno = map(int, outcome.stdout.split())
+    assert started < 16 and errno == 11  # EAGAIN: the pids cgroup refused the fork
+
+
+def test_workspace_is_mounted_read_only_or_read_write(runc: RuncSandbox, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("from the host")
+    os.chmod(tmp_path, 0o777)
+    source = (
+        "print(open('/workspace/in.txt').read())\n"
+        "try:\n"
+        "    open('/workspace/out.txt', 'w').write('from the sandbox')\n"
+        "    print('wrote')\n"
+        "except OSError as e:\n"
+        "    print(e.errno)\n"
+    )
+    for mode, last in (("ro", b"30"), ("rw", b"wrote")):
+        spec = RunSpec(language="python", source=source, limits=LIMITS, workspace=(tmp_path, mode))
+        outcome = runc.run(spec)
+        assert outcome.stdout.splitlines() == [b"from the host", last]
+    assert (tmp_path / "out.txt").read_text() == "from the sandbox"
+
+
+def test_missing_workspace_is_a_sandbox_error(runc: RuncSandbox, tmp_path: Path) -> None:
+    spec = RunSpec(language="python", source="", workspace=(tmp_path / "missing", "ro"))
+    with pytest.raises(SandboxError, match="not an existing absolute directory"):
+        runc.run(spec)
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+def test_pool_never_hands_a_container_to_two_runs(
+    make_pool: Callable[..., PooledSandbox],
+) -> None:
+    pool = make_pool(max_per_profile=3, prewarm=(LIMITS,))
+    grow(pool, 3)
+    with ThreadPoolExecutor(4) as ex:
+        outcomes = list(ex.map(lambda _: run(pool, MARKER_PROGRAM), range(16)))
+    assert all(json.loads(o.stdout)["seen"] == [] for o in outcomes)
+    assert len({o.sandbox_id for o in outcomes}) == 16
+    assert pool.stats["warm_runs"] >= 1
+    assert pool.settle()
+    assert not {o.sandbox_id for o in outcomes} & set(pool.cold.containers())
+
+
+def test_pool_destroys_containers_whose_run_timed_out_or_was_oom_killed(
+    make_pool: Callable[..., PooledSandbox],
+) -> None:
+    pool = make_pool(max_per_profile=1, prewarm=(LIMITS,))
+    wait_warm(pool)
+    timed_out = run(pool, "import time; time.sleep(30)", timeout_s=1)
+    wait_warm(pool)
+    oom = run(pool, "b = []\nwhile True: b.append(bytearray(8 << 20))")
+    assert timed_out.timed_out and oom.oom_killed
+    assert pool.stats["warm_runs"] == 2
+    assert pool.settle()
+    left = set(pool.cold.containers())
+    assert timed_out.sandbox_id not in left and oom.sandbox_id not in left
+    assert run(pool, "print('next')").stdout == b"next\n"
+
+
+def test_burst_larger_than_the_pool_is_served_on_the_cold_path(
+    make_pool: Callable[..., PooledSandbox],
+) -> None:
+    pool = make_pool(max_per_profile=2, prewarm=(LIMITS,))
+    wait_warm(pool, 1)
+    with ThreadPoolExecutor(6) as ex:
+        outcomes = list(ex.map(lambda i: run(pool, f"print({i})"), range(6)))
+    assert [o.stdout for o in outcomes] == [f"{i}\n".encode() for i in range(6)]
+    assert pool.stats["cold_runs"] >= 1 and pool.stats["warm_runs"] >= 1
+
+
+def test_closing_the_pool_leaves_no_container(
+    make_pool: Callable[..., PooledSandbox], runc: RuncSandbox
+) -> None:
+    pool = make_pool(max_per_profile=3, prewarm=(LIMITS,))
+    grow(pool, 3)
+    warm = set(pool.warm_ids())
+    assert warm <= set(runc.containers())
+    pool.close()
+    assert not warm & set(runc.containers())
+    assert not any((runc.directory / "bundles" / cid).exists() for cid in warm)
+
+
+def test_container_that_died_while_warm_is_skipped(
+    make_pool: Callable[..., PooledSandbox], runc: RuncSandbox
+) -> None:
+    pool = make_pool(max_per_profile=1, prewarm=(LIMITS,))
+    wait_warm(pool)
+    (dead,) = pool.warm_ids()
+    state = ["runc", "--root", str(runc.directory / "state"), "state", dead]
+    subprocess.run(["runc", "--root", str(runc.directory / "state"), "kill", dead, "KILL"])
+    end = time.monotonic() + 30
+    while json.loads(subprocess.run(state, capture_output=True).stdout)["status"] != "stopped":
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    outcome = run(pool, "print(7)")
+    assert outcome.stdout == b"7\n" and outcome.sandbox_id != dead
+
+
+# --------------------------------------------------------------------------- leftovers
+
+CHILD_POOL = """
+import sys, time
+from pathlib import Path
+from sandboxes.base import Limits
+from sandboxes.pool import PooledSandbox
+from sandboxes.runc import RuncSandbox
+pool = PooledSandbox(RuncSandbox(image=sys.argv[1], directory=Path(sys.argv[2])),
+                     max_per_profile=2, prewarm=(Limits(timeout_s=10, memory_mb=128, pids=64),))
+while pool.warm_count() < 1:
+    time.sleep(0.05)
+print(" ".join(pool.warm_ids()), flush=True)
+time.sleep(600)
+"""
+
+
+def test_containers_of_a_killed_worker_are_reaped(
+    make_pool: Callable[..., PooledSandbox], runc: RuncSandbox
+) -> None:
+    live = make_pool(max_per_profile=1, prewarm=(LIMITS,))
+    wait_warm(live)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD_POOL, runc.image, str(runc.directory)],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    orphans = proc.stdout.readline().split()
+    proc.send_signal(signal.SIGKILL)  # no close(): its containers stay, owner gone
+    proc.wait()
+    assert len(orphans) == 1 and set(orphans) <= set(runc.containers())
+    assert runc.reap() == 1
+    left = set(runc.containers())
+    assert not set(orphans) & left
+    assert set(live.warm_ids()) <= left  # a live owner's containers are not touched
+    assert run(live, "print(3)").stdout == b"3\n"
+
+
+def test_settings_choose_the_backend(runc_dir: Path, sandbox_image: str) -> None:
+    backend = open_backend(Settings(sandbox_backend="runc", sandbox_runc_dir=runc_dir))
+    assert isinstance(backend, RuncSandbox) and backend.directory == runc_dir.resolve()
+    with pytest.raises(ValueError, match="runs runc only"):
+        Settings(sandbox_backend="runc", sandbox_runtime="runsc")
