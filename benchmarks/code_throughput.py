@@ -1,8 +1,13 @@
 """Sustained throughput of `print(1)` code actions through the fleet with the warm pool,
-against the same worker with a cold container per action (pool size 0), in the same run;
-then the resident memory of 8 idle pooled python containers, from each one's cgroup.
+against the same worker with a cold container per action (pool size 0), in the same run,
+for each sandbox backend (docker: through the engine; runc: runc driven directly); then
+the resident memory of 8 idle pooled python containers, from each one's cgroup.
 
-    .venv/bin/python benchmarks/code_throughput.py [-n 200] [--concurrency 2]
+    sudo .venv/bin/python benchmarks/code_throughput.py [-n 200] [--concurrency 2]
+        [--backends docker runc]
+
+Ratios are printed against the Docker backend's cold path (the fleet's baseline: one
+fresh container through the engine per action) and against each backend's own cold path.
 
 Per subject it also prints the CPU the whole machine spent per action and how busy its
 CPUs were (``/proc/stat``: on a shared host other users are included), the throughput
@@ -80,7 +85,9 @@ class CreateCounter:
         return self.pooled, self.cold
 
 
-def throughput(url: str, n: int, concurrency: int, pool_size: int, label: str) -> Subject:
+def throughput(
+    url: str, n: int, concurrency: int, pool_size: int, label: str, backend: str
+) -> Subject:
     """n back-to-back actions with `concurrency` in flight: rate, latency, CPU per action."""
     from producer.client import ActionClient
     from producer.config import Settings
@@ -91,6 +98,7 @@ def throughput(url: str, n: int, concurrency: int, pool_size: int, label: str) -
         url,
         concurrency=concurrency,
         ACTIONFLEET_SANDBOX_POOL_SIZE=str(pool_size),
+        ACTIONFLEET_SANDBOX_BACKEND=backend,
     ):
         client = ActionClient(url, settings=Settings(broker_url=url))
 
@@ -118,31 +126,36 @@ def throughput(url: str, n: int, concurrency: int, pool_size: int, label: str) -
     )
 
 
-def _cgroup_usage(client: object, container_id: str) -> tuple[int, int]:
+def _cgroup_usage(backend: str, container_id: str) -> tuple[int, int]:
     """(usage bytes, usage minus inactive page cache) of one container's memory cgroup."""
-    v1 = Path(f"/sys/fs/cgroup/memory/docker/{container_id}")
+    from sandboxes.runc import CGROUP_PARENT
+
+    parent = "docker" if backend == "docker" else CGROUP_PARENT
+    v1 = Path(f"/sys/fs/cgroup/memory/{parent}/{container_id}")
     v2 = Path(f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope")
+    v2_runc = Path(f"/sys/fs/cgroup/{CGROUP_PARENT}/{container_id}")
     for base, usage_file, inactive_key in (
         (v1, "memory.usage_in_bytes", "total_inactive_file"),
         (v2, "memory.current", "inactive_file"),
+        (v2_runc, "memory.current", "inactive_file"),
     ):
         if (base / usage_file).exists():
             usage = int((base / usage_file).read_text())
             stats = dict(line.split() for line in (base / "memory.stat").read_text().splitlines())
             return usage, usage - int(stats.get(inactive_key, 0))
-    stats = client.api.stats(container_id, stream=False)["memory_stats"]  # type: ignore[attr-defined]
-    inactive = stats.get("stats", {}).get("total_inactive_file", 0)
-    return stats["usage"], stats["usage"] - inactive
+    raise SystemExit(f"no memory cgroup found for container {container_id}")
 
 
-def idle_pool_memory(count: int = 8) -> tuple[int, int]:
+def idle_pool_memory(backend: str, count: int = 8) -> tuple[int, int]:
     """Summed cgroup memory of `count` idle warm containers of the default profile."""
+    from producer.config import Settings
+    from sandboxes import open_backend
     from sandboxes.base import Limits, RunSpec
-    from sandboxes.docker import DockerSandbox
-    from sandboxes.pool import PooledDockerSandbox
+    from sandboxes.pool import PooledSandbox
 
     limits = Limits(timeout_s=10, memory_mb=128, pids=64)
-    pool = PooledDockerSandbox(DockerSandbox(), max_per_profile=count, prewarm=(limits,))
+    sandbox = open_backend(Settings(sandbox_backend=backend))  # type: ignore[arg-type]
+    pool = PooledSandbox(sandbox, max_per_profile=count, prewarm=(limits,))
     try:
         # Demand of `count` concurrent runs sizes the pool to `count` (peak + 1, capped).
         with ThreadPoolExecutor(count) as ex:
@@ -152,7 +165,7 @@ def idle_pool_memory(count: int = 8) -> tuple[int, int]:
         time.sleep(2.0)  # idle: let the runners reach their blocking read
         ids = pool.warm_ids()
         assert len(ids) == count, ids
-        usages = [_cgroup_usage(pool.cold._client, cid) for cid in ids]
+        usages = [_cgroup_usage(backend, cid) for cid in ids]
     finally:
         pool.close()
     return sum(u for u, _ in usages), sum(w for _, w in usages)
@@ -164,39 +177,55 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2, help="worker processes (2)")
     args = parser.parse_args()
 
-    rows: list[Subject] = []
-    with redis_server() as url:
-        for label, size in (("cold container per action", 0), ("warm pool (size 4)", 4)):
-            rows.append(throughput(url, args.n, args.concurrency, size, label))
-    base = rows[0].rate
-    print(
-        f"{'subject':<28} {'n':>5} {'actions/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'x base':>7}"
-        f" {'CPU-ms/action':>14} {'CPU busy':>9} {'pooled':>7} {'cold':>5}"
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=("docker", "runc"),
+        default=["docker", "runc"],
+        help="sandbox backends to measure (runc needs root and runc on PATH)",
     )
-    for row in rows:
+    args = parser.parse_args()
+
+    rows: list[tuple[str, Subject]] = []
+    with redis_server() as url:
+        for backend in args.backends:
+            for label, size in (("cold container per action", 0), ("warm pool (size 4)", 4)):
+                subject = throughput(url, args.n, args.concurrency, size, label, backend)
+                rows.append((backend, subject))
+    base = rows[0][1]
+    own_cold = {backend: row.rate for backend, row in rows if row.label.startswith("cold")}
+    print(
+        f"{'backend':<7} {'subject':<26} {'n':>5} {'actions/s':>10} {'p50 ms':>8} {'p90 ms':>8}"
+        f" {'x base':>7} {'x own cold':>10} {'CPU-ms/action':>14} {'CPU busy':>9}"
+        f" {'pooled':>7} {'cold':>5}"
+    )
+    for backend, row in rows:
+        counts = f"{row.pooled:>7} {row.cold:>5}" if backend == "docker" else f"{'-':>7} {'-':>5}"
         print(
-            f"{row.label:<28} {len(row.samples):>5} {row.rate:>10.1f} "
+            f"{backend:<7} {row.label:<26} {len(row.samples):>5} {row.rate:>10.1f} "
             f"{pct(row.samples, 0.5):>8.1f} {pct(row.samples, 0.9):>8.1f} "
-            f"{row.rate / base:>7.2f} {row.cpu_ms:>14.0f} {row.busy:>9.0%} "
-            f"{row.pooled:>7} {row.cold:>5}"
+            f"{row.rate / base.rate:>7.2f} {row.rate / own_cold[backend]:>10.2f} "
+            f"{row.cpu_ms:>14.0f} {row.busy:>9.0%} {counts}"
         )
     cores = os.cpu_count() or 1
     print(
-        f"(concurrency {args.concurrency}; ratios against: {rows[0].label}; CPU-ms/action: "
-        "every CPU of the machine, other users included; pooled/cold: sandbox containers "
-        "the engine created during the timed run, by the pool or on the cold path)"
+        f"(concurrency {args.concurrency}; x base: against {rows[0][0]} {base.label}; x own "
+        "cold: against the same backend's cold path; CPU-ms/action: every CPU of the "
+        "machine, other users included; pooled/cold: containers the engine created during "
+        "the timed run, by the pool or on the cold path, docker backend only)"
     )
-    for row in rows:
+    for backend, row in rows:
         bound = 1000 * cores / row.cpu_ms
         print(
-            f"{row.label}: at {row.cpu_ms:.0f} CPU-ms per action, {cores} cores bound it to "
-            f"{bound:.1f} actions/s ({bound / base:.2f}x the cold rate measured here)"
+            f"{backend} {row.label}: at {row.cpu_ms:.0f} CPU-ms per action, {cores} cores "
+            f"bound it to {bound:.1f} actions/s ({bound / base.rate:.2f}x the base rate)"
         )
-    usage, working = idle_pool_memory(8)
-    print(
-        f"8 idle warm containers: cgroup usage {usage / 2**20:.1f} MB in total, "
-        f"{working / 2**20:.1f} MB without inactive page cache"
-    )
+    for backend in args.backends:
+        usage, working = idle_pool_memory(backend, 8)
+        print(
+            f"{backend}: 8 idle warm containers: cgroup usage {usage / 2**20:.1f} MB in total, "
+            f"{working / 2**20:.1f} MB without inactive page cache"
+        )
 
 
 if __name__ == "__main__":

@@ -189,8 +189,8 @@ class Engine:
     def lifecycle(
         self, kwargs: dict[str, Any], variant: str, done: queue.Queue[str | None]
     ) -> dict[str, float]:
-        from sandboxes.frames import read_frame
         from sandboxes.docker import close_stdin
+        from sandboxes.frames import read_frame
 
         api, times = self.sandbox._api, {}
         t = time.perf_counter()
