@@ -6,7 +6,11 @@ Target of the pool (issue #8): pooled p50 <= 1/5 and p90 <= 1/3 of the cold `doc
 Each timed action is preceded by a short pause (--gap-ms) so the pool refills as it would
 between an agent's steps; back-to-back load is what code_throughput.py measures.
 
-    .venv/bin/python benchmarks/code_latency.py [-n 30] [--runtime runc|runsc] [--gap-ms 300]
+    sudo .venv/bin/python benchmarks/code_latency.py [-n 30] [--runtime runc|runsc]
+        [--gap-ms 300] [--backends docker runc]
+
+The fleet subjects run once per sandbox backend (docker: through the engine; runc: runc
+driven directly, runtime runc only, needs root).
 """
 
 from __future__ import annotations
@@ -22,7 +26,16 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=30, help="timed runs per subject (30)")
     parser.add_argument("--runtime", default="runc", choices=["runc", "runsc"])
     parser.add_argument("--gap-ms", type=float, default=300, help="pause between actions")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=("docker", "runc"),
+        default=["docker", "runc"],
+        help="sandbox backends of the fleet subjects (runc: runtime runc only)",
+    )
     args = parser.parse_args()
+    if args.runtime == "runsc" and "runc" in args.backends:
+        parser.error("the runc backend runs runc only: --backends docker with --runtime runsc")
 
     import docker
     from celery import Celery
@@ -65,12 +78,18 @@ def main() -> None:
             )
             noop_app.close()
         rows.append((f"cold docker run ({args.runtime})", timed(cold_docker_run, args.n)))
-        for label, pool_size in (("cold container", "0"), ("warm pool", "4")):
+        subjects = [
+            (backend, label, pool_size)
+            for backend in args.backends
+            for label, pool_size in (("cold container", "0"), ("warm pool", "4"))
+        ]
+        for backend, label, pool_size in subjects:
             with celery_worker(
                 "workers.app",
                 "actions.code",
                 url,
                 concurrency=1,
+                ACTIONFLEET_SANDBOX_BACKEND=backend,
                 ACTIONFLEET_SANDBOX_RUNTIME=args.runtime,
                 ACTIONFLEET_SANDBOX_POOL_SIZE=pool_size,
             ):
@@ -83,7 +102,7 @@ def main() -> None:
                     if i >= 2:
                         samples.append((time.perf_counter() - t) * 1000)
                     assert result.status == "succeeded" and result.output["stdout"] == "1\n"
-                rows.append((f"fleet action, {label} ({args.runtime})", samples))
+                rows.append((f"fleet {backend} backend, {label} ({args.runtime})", samples))
                 client.close()
     print(table(rows, baseline=f"cold docker run ({args.runtime})"))
 
