@@ -165,9 +165,7 @@ class DockerSandbox:
             raise SandboxError(f"sandbox run failed{where}: {exc}") from exc
         finally:
             if container_id:
-                self._remove(container_id)
-                if not started_ok:
-                    end_orphaned_runtime_processes(container_id)
+                self._abandon(container_id, started_ok)
 
     def reap(self) -> int:
         """Remove expired sandbox containers and ones whose owning process on this host died."""
@@ -202,10 +200,8 @@ class DockerSandbox:
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise SandboxError(f"could not start a warm sandbox container: {exc}") from exc
         finally:
-            if cid:
-                self._remove(cid)
-                if not started_ok:
-                    end_orphaned_runtime_processes(cid)
+            if cid:  # not handed over
+                self._abandon(cid, started_ok)
 
     def warm_alive(self, warm: Warm) -> bool:
         return not fd_closed(warm.handle[1])
@@ -405,6 +401,13 @@ class DockerSandbox:
         ):
             self._api.wait(container_id, timeout=exit_wait_s)
         self._remove(container_id)
+
+    def _abandon(self, container_id: str, started_ok: bool) -> None:
+        """Remove a container that is done with or failed; after a failed start, also end
+        the runtime processes it may have left (``end_orphaned_runtime_processes``)."""
+        self._remove(container_id)
+        if not started_ok:
+            end_orphaned_runtime_processes(container_id)
 
     def _remove(self, container_id: str) -> None:
         """Remove the container; retried once, then left to ``reap()`` via its labels."""

@@ -49,7 +49,14 @@ from producer.config import get_settings
 from producer.errors import SandboxError
 from sandboxes.base import Limits, RunOutcome, RunSpec, Runtime, Warm, WorkspaceMode
 from sandboxes.frames import encode_request, fd_closed, frame_outcome, killed_outcome, read_frame
-from sandboxes.reaper import EXPIRY_SLACK_S, LABEL_EXPIRES, is_stale, run_labels
+from sandboxes.reaper import (
+    EXPIRY_SLACK_S,
+    LABEL_EXPIRES,
+    LABEL_OWNER,
+    is_stale,
+    owner_label,
+    run_labels,
+)
 from sandboxes.runc_bundle import Template, prepare_template
 
 __all__ = ["RuncSandbox"]
@@ -155,7 +162,7 @@ class RuncSandbox:
 
     def containers(self) -> list[str]:
         """Ids of this host's containers of the backend (runc's state), running or not."""
-        return [c["id"] for c in self._list()]
+        return self._ids()
 
     # ------------------------------------------------------------------ steps
 
@@ -334,30 +341,26 @@ class RuncSandbox:
 
     # ------------------------------------------------------------------ leftovers
 
-    def _list(self) -> list[dict[str, object]]:
+    def _ids(self) -> list[str]:
+        """Containers in runc's state directory. Read directly rather than through ``runc
+        list``, which fails as a whole when a container is created or deleted while it
+        reads (pools of other processes do both all the time)."""
         try:
-            done = subprocess.run(
-                [*self._runc, "list", "--format", "json"],
-                capture_output=True,
-                timeout=RUNC_TIMEOUT_S,
-                check=True,
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise SandboxError(f"runc list failed: {exc}") from exc
-        return json.loads(done.stdout or b"null") or []
+            return sorted(entry.name for entry in os.scandir(self.directory / "state"))
+        except FileNotFoundError:
+            return []
 
     def _reap(self, *, everything: bool) -> int:
         now, host, removed = time.time(), socket.gethostname(), 0
         bundles = self.directory / "bundles"
-        listed = set()
-        for state in self._list():
-            cid = str(state["id"])
-            listed.add(cid)
-            if everything or is_stale(_annotations(bundles / cid), now, host):
+        listed = set(self._ids())
+        for cid in listed:
+            labels = _annotations(bundles / cid)
+            if everything or is_stale(labels, now, host):
+                pid = _pid(bundles / cid)
                 self._delete(cid)
-                pid = state.get("pid")
-                if isinstance(pid, int) and pid > 0:
-                    self._reap_status(pid)  # a zombie, if it was our own runner
+                if pid and labels.get(LABEL_OWNER) == owner_label():
+                    self._reap_status(pid)  # our own runner's zombie
                 shutil.rmtree(bundles / cid, ignore_errors=True)
                 removed += 1
         # Bundles without a container: a start that failed half-way, or a reboot.
@@ -378,6 +381,13 @@ def _annotations(bundle: Path) -> dict[str, str]:
         return json.loads((bundle / "config.json").read_text()).get("annotations") or {}
     except (OSError, ValueError):
         return {}
+
+
+def _pid(bundle: Path) -> int | None:
+    try:
+        return int((bundle / "pid").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _tail(bundle: Path) -> str:

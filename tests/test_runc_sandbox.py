@@ -21,12 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from producer.client import ActionClient
 from producer.config import Settings
 from producer.errors import SandboxError
 from sandboxes import open_backend
 from sandboxes.base import Limits, RunOutcome, RunSpec
 from sandboxes.pool import PooledSandbox
 from sandboxes.runc import CGROUP_PARENT, RuncSandbox
+from tests.conftest import RedisServer, code_action, start_worker
 from tests.services import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -337,6 +339,38 @@ def test_containers_of_a_killed_worker_are_reaped(
     assert not set(orphans) & left
     assert set(live.warm_ids()) <= left  # a live owner's containers are not touched
     assert run(live, "print(3)").stdout == b"3\n"
+
+
+def test_code_actions_through_a_worker_on_the_runc_backend(
+    runc: RuncSandbox,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    make_client: Callable[[str], ActionClient],
+) -> None:
+    url = redis_server.url(11)
+    worker = start_worker(
+        url, tmp_path, sandbox_backend="runc", sandbox_runc_dir=str(runc.directory)
+    )
+    try:
+        client = make_client(url)
+        results = [
+            client.run(code_action(source, timeout_s=2), timeout=60)
+            for source in (
+                "import socket; print(socket.gethostname(), 6 * 7)",
+                "import time; time.sleep(30)",
+                "b = []\nwhile True: b.append(bytearray(8 << 20))",
+            )
+        ]
+        ok, slow, hungry = results
+        assert (ok.status, ok.output and ok.output["stdout"]) == ("succeeded", "sandbox 42\n")
+        assert slow.status == "timed_out", slow
+        assert hungry.status == "failed" and hungry.error is not None, hungry
+        assert hungry.error.type == "resource_exhausted", hungry
+        assert any(runc.containers())  # the pool processes keep warm containers
+    finally:
+        worker.stop()
+    assert worker.proc.returncode == 0, worker.tail()
+    assert runc.containers() == []  # the worker's shutdown removed its warm containers
 
 
 def test_settings_choose_the_backend(runc_dir: Path, sandbox_image: str) -> None:
