@@ -62,13 +62,14 @@ def timed(fn: Callable[[], object], n: int, warmup: int = 2) -> list[float]:
 def table(rows: list[tuple[str, list[float]]], baseline: str) -> str:
     base = {name: s for name, s in rows}[baseline]
     b50, b90 = pct(base, 0.5), pct(base, 0.9)
+    width = max(34, *(len(name) for name, _ in rows))
     lines = [
-        f"{'subject':<34} {'n':>4} {'p50 ms':>9} {'p90 ms':>9} {'mean':>9} "
+        f"{'subject':<{width}} {'n':>4} {'p50 ms':>9} {'p90 ms':>9} {'mean':>9} "
         f"{'p50/base':>9} {'p90/base':>9}"
     ]
     for name, s in rows:
         lines.append(
-            f"{name:<34} {len(s):>4} {pct(s, 0.5):>9.1f} {pct(s, 0.9):>9.1f} "
+            f"{name:<{width}} {len(s):>4} {pct(s, 0.5):>9.1f} {pct(s, 0.9):>9.1f} "
             f"{statistics.fmean(s):>9.1f} {pct(s, 0.5) / b50:>9.2f} {pct(s, 0.9) / b90:>9.2f}"
         )
     lines.append(f"(ratios against: {baseline})")

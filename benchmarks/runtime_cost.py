@@ -15,8 +15,8 @@ of the machine (``/proc/stat``), so the work the engine, containerd and the shim
 container is in the first and not in the second. Rounds interleave the subjects. Needs
 root and the ``runc`` the engine uses.
 
-This is what a sandbox backend that drives runc itself (no dockerd, containerd or shim on
-the path) could save per action; ActionFleet does not have one (issue #8 notes).
+This is what the runc sandbox backend (``sandboxes/runc.py``: no dockerd, containerd or
+shim on the path) saves per action, measured without the fleet around it.
 """
 
 from __future__ import annotations
@@ -36,10 +36,7 @@ from pathlib import Path
 from _common import machine_busy_s, pct
 from engine_capacity import Engine
 
-ENGINE_STATE = (  # where the engine's containerd keeps each task's bundle
-    "/run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby",
-    "/run/containerd/io.containerd.runtime.v2.task/moby",
-)
+from sandboxes.runc_bundle import engine_config, template_config
 
 
 def make_bundle(engine: Engine, kwargs: dict, where: Path) -> None:
@@ -49,11 +46,7 @@ def make_bundle(engine: Engine, kwargs: dict, where: Path) -> None:
     cid = api.create_container(**dict(kwargs, labels=engine._labels()))["Id"]
     try:
         api.start(cid)  # the runner waits for a request on stdin: the bundle exists now
-        config = next(
-            json.loads(p.read_text())
-            for p in (Path(d) / cid / "config.json" for d in ENGINE_STATE)
-            if p.exists()
-        )
+        config = engine_config(cid)
         rootfs = where / "rootfs"
         rootfs.mkdir()
         export = subprocess.Popen(["docker", "export", cid], stdout=subprocess.PIPE)
@@ -62,13 +55,8 @@ def make_bundle(engine: Engine, kwargs: dict, where: Path) -> None:
             raise SystemExit(f"docker export {cid[:12]} failed")
     finally:
         engine.sandbox._remove(cid)
-    config["root"] = {"path": str(rootfs), "readonly": True}
-    config.pop("hooks", None)  # the engine's network-setup hook (dockerd re-executed)
-    # /etc/hosts, /etc/hostname, /etc/resolv.conf are bind mounts of the engine's own files.
-    config["mounts"] = [m for m in config["mounts"] if not m["destination"].startswith("/etc/")]
-    config["process"]["terminal"] = False
-    config["linux"].pop("cgroupsPath", None)  # the engine's; runc's default: /<container id>
-    (where / "config.json").write_text(json.dumps(config))
+    # runc's default cgroup per container id (no cgroupsPath in the template).
+    (where / "config.json").write_text(json.dumps(template_config(config, rootfs)))
 
 
 def runc_lifecycle(bundle: Path, request: bytes, nonce: str) -> float:

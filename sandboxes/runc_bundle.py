@@ -29,7 +29,7 @@ from typing import Any
 from producer.errors import SandboxError
 from sandboxes.base import WORKSPACE_MOUNT, Limits, RunSpec, WorkspaceMode
 
-__all__ = ["Template", "prepare_template"]
+__all__ = ["Template", "engine_config", "prepare_template", "template_config"]
 
 # Where the engine's containerd keeps each running task's bundle (dockerd's own containerd,
 # then a system containerd).
@@ -128,9 +128,9 @@ def _build(client: Any, image: str, home: Path) -> None:
         cid = sandbox._create(spec, sandbox._labels(spec))
         # The runner now waits on its open stdin, so the container stays up while we look.
         client.api.start(cid)
-        engine_config = _engine_config(cid)
+        config = template_config(engine_config(cid), home / "rootfs")
         _export(client, cid, tmp / "rootfs")
-        (tmp / "config.json").write_text(json.dumps(_template(engine_config, home / "rootfs")))
+        (tmp / "config.json").write_text(json.dumps(config))
         try:
             tmp.rename(home)
         except OSError:
@@ -145,7 +145,8 @@ def _build(client: Any, image: str, home: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _engine_config(cid: str) -> dict[str, Any]:
+def engine_config(cid: str) -> dict[str, Any]:
+    """The OCI config the local engine generated for running container ``cid``."""
     for state in ENGINE_STATE:
         path = state / cid / "config.json"
         with contextlib.suppress(FileNotFoundError):
@@ -176,7 +177,9 @@ def _export(client: Any, cid: str, rootfs: Path) -> None:
         raise SandboxError(f"unpacking the sandbox image failed: {err.decode()[-500:]}")
 
 
-def _template(config: dict[str, Any], rootfs: Path) -> dict[str, Any]:
+def template_config(config: dict[str, Any], rootfs: Path) -> dict[str, Any]:
+    """The engine's config of a sandbox without its engine-side parts, rooted at ``rootfs``
+    (read-only)."""
     config = dict(config)
     config["root"] = {"path": str(rootfs), "readonly": True}
     config.pop("hooks", None)
