@@ -110,10 +110,6 @@ class RuncSandbox:
         self.kill_grace_s = kill_grace_s
         self._template: Template | None = None
         self._template_lock = threading.Lock()
-        # Runners re-parent to us when runc exits: their status is ours to collect.
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-            raise SandboxError(f"prctl(PR_SET_CHILD_SUBREAPER): errno {ctypes.get_errno()}")
 
     @property
     def image(self) -> str:
@@ -167,8 +163,15 @@ class RuncSandbox:
     # ------------------------------------------------------------------ steps
 
     def template(self) -> Template:
+        """The image's template, made on first use; this process becomes a subreaper then
+        (not before: a process that only reaps, like a worker's main process, stays as is)."""
         with self._template_lock:
             if self._template is None:
+                # Runners re-parent to us when runc exits: their status is ours to collect.
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+                    errno = ctypes.get_errno()
+                    raise SandboxError(f"prctl(PR_SET_CHILD_SUBREAPER) failed: errno {errno}")
                 self._template = prepare_template(self.image, self.directory)
             return self._template
 
