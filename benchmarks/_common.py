@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import subprocess
@@ -143,3 +144,15 @@ def celery_worker(
         probe.close()
         proc.terminate()
         proc.wait(60)
+
+
+def add_backends_option(parser: argparse.ArgumentParser) -> None:
+    """``--backends``: the sandbox backends whose subjects a code benchmark measures."""
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=("docker", "runc"),
+        default=["docker", "runc"],
+        help="sandbox backends to measure (default both; runc: root, runc on PATH, "
+        "runtime runc only)",
+    )

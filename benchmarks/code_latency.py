@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import ROOT, celery_worker, redis_server, table, timed  # noqa: F401
+from _common import ROOT, add_backends_option, celery_worker, redis_server, table, timed  # noqa: F401
 
 
 def main() -> None:
@@ -26,13 +26,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=30, help="timed runs per subject (30)")
     parser.add_argument("--runtime", default="runc", choices=["runc", "runsc"])
     parser.add_argument("--gap-ms", type=float, default=300, help="pause between actions")
-    parser.add_argument(
-        "--backends",
-        nargs="+",
-        choices=("docker", "runc"),
-        default=["docker", "runc"],
-        help="sandbox backends of the fleet subjects (runc: runtime runc only)",
-    )
+    add_backends_option(parser)
     args = parser.parse_args()
     if args.runtime == "runsc" and "runc" in args.backends:
         parser.error("the runc backend runs runc only: --backends docker with --runtime runsc")

@@ -30,7 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import ROOT, celery_worker, machine_busy_s, pct, redis_server  # noqa: F401
+from _common import (  # noqa: F401
+    ROOT,
+    add_backends_option,
+    celery_worker,
+    machine_busy_s,
+    pct,
+    redis_server,
+)
 
 ACTION = {
     "primitive": "code",
@@ -175,15 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=200, help="timed actions per subject (200)")
     parser.add_argument("--concurrency", type=int, default=2, help="worker processes (2)")
-    args = parser.parse_args()
-
-    parser.add_argument(
-        "--backends",
-        nargs="+",
-        choices=("docker", "runc"),
-        default=["docker", "runc"],
-        help="sandbox backends to measure (runc needs root and runc on PATH)",
-    )
+    add_backends_option(parser)
     args = parser.parse_args()
 
     rows: list[tuple[str, Subject]] = []
