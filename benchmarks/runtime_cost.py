@@ -7,10 +7,10 @@ the same image's files, the same runner and ``print(1)`` request, in the same ru
 
 engine: ``engine_capacity.py``'s lifecycle with the sandbox's own create options (create
 -> attach -> start -> request -> frame -> wait -> remove). runc: ``runc run`` of a bundle
-made once from a started sandbox container's ``config.json`` (its engine-side prestart
-hook and the engine's ``/etc/hosts``-style bind mounts dropped, the root a read-only copy
-of the image's files, runc's default cgroup per container id, which runc removes at the
-end of the run), the request on stdin, the frame read from stdout. Both count every CPU
+with the runc backend's config for the image (``sandboxes/runc_bundle.py``: a started
+sandbox container's ``config.json`` without its engine-side prestart hook and
+``/etc/hosts``-style bind mounts, the root a read-only copy of the image's files), the
+request on stdin, the frame read from stdout. Both count every CPU
 of the machine (``/proc/stat``), so the work the engine, containerd and the shims do per
 container is in the first and not in the second. Rounds interleave the subjects. Needs
 root and the ``runc`` the engine uses.
@@ -36,27 +36,17 @@ from pathlib import Path
 from _common import machine_busy_s, pct
 from engine_capacity import Engine
 
-from sandboxes.runc_bundle import engine_config, template_config
+from sandboxes.runc import CGROUP_PARENT
+from sandboxes.runc_bundle import prepare_template
 
 
-def make_bundle(engine: Engine, kwargs: dict, where: Path) -> None:
-    """A runc bundle for the sandbox in ``where``: the engine's own OCI config of a started
-    sandbox container, and the image's files exported next to it."""
-    api = engine.sandbox._api
-    cid = api.create_container(**dict(kwargs, labels=engine._labels()))["Id"]
-    try:
-        api.start(cid)  # the runner waits for a request on stdin: the bundle exists now
-        config = engine_config(cid)
-        rootfs = where / "rootfs"
-        rootfs.mkdir()
-        export = subprocess.Popen(["docker", "export", cid], stdout=subprocess.PIPE)
-        subprocess.run(["tar", "-C", str(rootfs), "-xf", "-"], stdin=export.stdout, check=True)
-        if export.wait():
-            raise SystemExit(f"docker export {cid[:12]} failed")
-    finally:
-        engine.sandbox._remove(cid)
-    # runc's default cgroup per container id (no cgroupsPath in the template).
-    (where / "config.json").write_text(json.dumps(template_config(config, rootfs)))
+def make_bundle(engine: Engine, where: Path) -> None:
+    """A runc bundle for the sandbox in ``where``: the runc backend's template of the image
+    (``sandboxes.runc_bundle``) with the benchmark's limits, and one cgroup that the
+    sequential runs reuse (runc removes it at the end of each)."""
+    template = prepare_template(engine.sandbox.image, where)
+    config = template.config_for(engine.limits, f"/{CGROUP_PARENT}/runtime-cost", {})
+    (where / "config.json").write_text(json.dumps(config))
 
 
 def runc_lifecycle(bundle: Path, request: bytes, nonce: str) -> float:
@@ -92,7 +82,7 @@ def main() -> None:
     wall: dict[str, list[float]] = {"engine": [], "runc": []}
     with tempfile.TemporaryDirectory(prefix="af-runc-") as tmp:
         bundle = Path(tmp)
-        make_bundle(engine, kwargs, bundle)
+        make_bundle(engine, bundle)
         try:
             for _ in range(args.rounds):
                 for subject in ("engine", "runc"):

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-Backend = Literal["docker", "runc"]
 Language = Literal["python", "bash"]
 Runtime = Literal["runc", "runsc"]
 WorkspaceMode = Literal["ro", "rw"]

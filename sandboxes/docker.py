@@ -373,8 +373,6 @@ class DockerSandbox:
         watchdog_fired: bool,
         wall_ms: int,
     ) -> RunOutcome:
-        if frame is not None and not frame.get("ok"):
-            raise SandboxError(f"the sandbox runner refused the request: {frame.get('error')}")
         if frame is not None:
             oom = bool(state.get("OOMKilled"))
             return frame_outcome(frame, container_id[:12], self.runtime, watchdog_fired, oom)

@@ -147,8 +147,11 @@ def read_frame(
 def frame_outcome(
     frame: dict[str, Any], sandbox_id: str, runtime: Runtime, watchdog_fired: bool, oom: bool
 ) -> RunOutcome:
-    """The outcome a runner's ok frame reports; ``watchdog_fired`` (the host killed the
-    sandbox) and ``oom`` (the host saw an OOM kill) are OR-ed into the runner's own."""
+    """The outcome a runner's frame reports; ``watchdog_fired`` (the host killed the
+    sandbox) and ``oom`` (the host saw an OOM kill) are OR-ed into the runner's own. A
+    refusal (``ok: false``, a request the runner would not run) is a ``SandboxError``."""
+    if not frame.get("ok"):
+        raise SandboxError(f"the sandbox runner refused the request: {frame.get('error')}")
     usage = frame.get("usage") or {}
     return RunOutcome(
         exit_code=frame.get("exit_code"),

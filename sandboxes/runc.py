@@ -157,8 +157,14 @@ class RuncSandbox:
         self._destroy(warm.handle)
 
     def containers(self) -> list[str]:
-        """Ids of this host's containers of the backend (runc's state), running or not."""
-        return self._ids()
+        """Ids of this host's containers of the backend, running or not: runc's state
+        directory, read directly rather than through ``runc list``, which fails as a whole
+        when a container is created or deleted while it reads (other processes' pools do
+        both all the time)."""
+        try:
+            return sorted(entry.name for entry in os.scandir(self.directory / "state"))
+        except FileNotFoundError:
+            return []
 
     # ------------------------------------------------------------------ steps
 
@@ -233,8 +239,6 @@ class RuncSandbox:
         frame, watchdog_fired = read_frame(
             container.stdout, nonce, deadline, spec.limits, multiplexed=False
         )
-        if frame is not None and not frame.get("ok"):
-            raise SandboxError(f"the sandbox runner refused the request: {frame.get('error')}")
         if frame is not None:
             # Final under runc (see read_frame): the exit is waited for when retiring.
             return frame_outcome(frame, container.id, self.runtime, False, False)
@@ -344,19 +348,10 @@ class RuncSandbox:
 
     # ------------------------------------------------------------------ leftovers
 
-    def _ids(self) -> list[str]:
-        """Containers in runc's state directory. Read directly rather than through ``runc
-        list``, which fails as a whole when a container is created or deleted while it
-        reads (pools of other processes do both all the time)."""
-        try:
-            return sorted(entry.name for entry in os.scandir(self.directory / "state"))
-        except FileNotFoundError:
-            return []
-
     def _reap(self, *, everything: bool) -> int:
         now, host, removed = time.time(), socket.gethostname(), 0
         bundles = self.directory / "bundles"
-        listed = set(self._ids())
+        listed = set(self.containers())
         for cid in listed:
             labels = _annotations(bundles / cid)
             if everything or is_stale(labels, now, host):

@@ -22,6 +22,7 @@ import json
 import secrets
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 from producer.errors import SandboxError
 from sandboxes.base import WORKSPACE_MOUNT, Limits, RunSpec, WorkspaceMode
 
-__all__ = ["Template", "engine_config", "prepare_template", "template_config"]
+__all__ = ["Template", "prepare_template"]
 
 # Where the engine's containerd keeps each running task's bundle (dockerd's own containerd,
 # then a system containerd).
@@ -43,10 +44,9 @@ CPU_PERIOD_US = 100_000
 
 @dataclass(frozen=True, slots=True)
 class Template:
-    """The OCI config of a sandbox of one image, to be specialised per container."""
+    """The OCI config of a sandbox of one image (its read-only root is the image's files),
+    to be specialised per container."""
 
-    image_id: str
-    rootfs: Path
     config: dict[str, Any]
 
     def config_for(
@@ -105,11 +105,7 @@ def prepare_template(image: str, directory: Path) -> Template:
             _build(client, image, home)
     finally:
         client.close()
-    return Template(
-        image_id=image_id,
-        rootfs=home / "rootfs",
-        config=json.loads((home / "config.json").read_text()),
-    )
+    return Template(json.loads((home / "config.json").read_text()))
 
 
 def _build(client: Any, image: str, home: Path) -> None:
@@ -128,7 +124,7 @@ def _build(client: Any, image: str, home: Path) -> None:
         cid = sandbox._create(spec, sandbox._labels(spec))
         # The runner now waits on its open stdin, so the container stays up while we look.
         client.api.start(cid)
-        config = template_config(engine_config(cid), home / "rootfs")
+        config = _template_config(_engine_config(cid), home / "rootfs")
         _export(client, cid, tmp / "rootfs")
         (tmp / "config.json").write_text(json.dumps(config))
         try:
@@ -145,7 +141,7 @@ def _build(client: Any, image: str, home: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def engine_config(cid: str) -> dict[str, Any]:
+def _engine_config(cid: str) -> dict[str, Any]:
     """The OCI config the local engine generated for running container ``cid``."""
     for state in ENGINE_STATE:
         path = state / cid / "config.json"
@@ -160,24 +156,26 @@ def engine_config(cid: str) -> dict[str, Any]:
 
 def _export(client: Any, cid: str, rootfs: Path) -> None:
     """The container's files (the image's) into ``rootfs``, owners and modes kept."""
-    tar = subprocess.Popen(
-        ["tar", "--numeric-owner", "-C", str(rootfs), "-xf", "-"],
-        stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert tar.stdin is not None
-    try:
-        for chunk in client.api.export(cid):
-            tar.stdin.write(chunk)
-    finally:
-        tar.stdin.close()
-    assert tar.stderr is not None
-    err = tar.stderr.read()
-    if tar.wait():
-        raise SandboxError(f"unpacking the sandbox image failed: {err.decode()[-500:]}")
+    # tar's messages go to a file: a pipe nobody reads while we write could fill and stall it.
+    with tempfile.TemporaryFile() as err:
+        tar = subprocess.Popen(
+            ["tar", "--numeric-owner", "-C", str(rootfs), "-xf", "-"],
+            stdin=subprocess.PIPE,
+            stderr=err,
+        )
+        assert tar.stdin is not None
+        try:
+            for chunk in client.api.export(cid):
+                tar.stdin.write(chunk)
+        finally:
+            tar.stdin.close()
+        if tar.wait():
+            err.seek(0)
+            message = err.read().decode("utf-8", "replace")[-500:]
+            raise SandboxError(f"unpacking the sandbox image failed: {message}")
 
 
-def template_config(config: dict[str, Any], rootfs: Path) -> dict[str, Any]:
+def _template_config(config: dict[str, Any], rootfs: Path) -> dict[str, Any]:
     """The engine's config of a sandbox without its engine-side parts, rooted at ``rootfs``
     (read-only)."""
     config = dict(config)

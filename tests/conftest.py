@@ -187,6 +187,19 @@ def make_client() -> Iterator[Callable[[str], ActionClient]]:
         c.close()
 
 
+# Each program reports whether an earlier run left its marker, then leaves one: a container
+# handed to two runs shows up as a non-empty "seen".
+MARKER_PROGRAM = """
+import json, os, socket
+paths = ["/tmp/actionfleet-used", "/work/actionfleet-used"]
+seen = [p for p in paths if os.path.exists(p)]
+for p in paths:
+    open(p, "w").write("used")
+pid1 = open("/proc/1/cmdline").read()
+print(json.dumps({"seen": seen, "host": socket.gethostname(), "pid1": pid1}))
+"""
+
+
 def code_action(source: str, language: str = "python", **payload: object) -> dict:
     return {
         "primitive": "code",

@@ -26,21 +26,12 @@ from sandboxes.base import Limits, RunOutcome, RunSpec
 from sandboxes.docker import LABEL_EXPIRES, LABEL_OWNER, DockerSandbox, reap_containers
 from sandboxes.pool import LABEL_POOL, PooledDockerSandbox, Profile, _Demand
 from sandboxes.reaper import owner_label
+from tests.conftest import MARKER_PROGRAM
 from tests.fixtures_docker import SandboxFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = Limits(timeout_s=10, memory_mb=128, pids=64, output_bytes=65536)
 SMALL = Limits(timeout_s=10, memory_mb=64, pids=64, output_bytes=65536)
-# Each program reports whether an earlier run left its marker, then leaves one.
-MARKER_PROGRAM = """
-import json, os, socket
-paths = ["/tmp/actionfleet-used", "/work/actionfleet-used"]
-seen = [p for p in paths if os.path.exists(p)]
-for p in paths:
-    open(p, "w").write("used")
-pid1 = open("/proc/1/cmdline").read()
-print(json.dumps({"seen": seen, "host": socket.gethostname(), "pid1": pid1}))
-"""
 
 
 def pooled(factory: SandboxFactory, **kwargs: object) -> PooledDockerSandbox:

@@ -28,19 +28,11 @@ from sandboxes import open_backend
 from sandboxes.base import Limits, RunOutcome, RunSpec
 from sandboxes.pool import PooledSandbox
 from sandboxes.runc import CGROUP_PARENT, RuncSandbox
-from tests.conftest import RedisServer, code_action, start_worker
+from tests.conftest import MARKER_PROGRAM, RedisServer, code_action, start_worker
 from tests.services import require
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = Limits(timeout_s=10, memory_mb=128, pids=64, output_bytes=65536)
-MARKER_PROGRAM = """
-import json, os, socket
-paths = ["/tmp/actionfleet-used", "/work/actionfleet-used"]
-seen = [p for p in paths if os.path.exists(p)]
-for p in paths:
-    open(p, "w").write("used")
-print(json.dumps({"seen": seen, "host": socket.gethostname()}))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +42,23 @@ def runc_dir(tmp_path_factory: pytest.TempPathFactory, sandbox_image: str) -> It
         "root and runc on PATH (the runc sandbox backend)",
     )
     directory = tmp_path_factory.mktemp("runc")
+    cgroups_before = container_cgroups()
     yield directory
     # Nothing of any test may be left: containers (runc state), bundles, cgroups.
     backend = RuncSandbox(image=sandbox_image, directory=directory)
     left = backend.containers()
     bundles = list((directory / "bundles").glob("*"))
-    cgroups = [c.name for c in Path(f"/sys/fs/cgroup/memory/{CGROUP_PARENT}").glob("*")]
-    cgroups = [c for c in cgroups if c in {b.name for b in bundles} | set(left)]
+    cgroups = sorted(container_cgroups() - cgroups_before)
     backend.reap_all()
     assert (left, bundles, cgroups) == ([], [], [])
+
+
+def container_cgroups() -> set[str]:
+    """The backend's container cgroups on this host (memory controller of v1, or v2)."""
+    found: set[str] = set()
+    for parent in (f"/sys/fs/cgroup/memory/{CGROUP_PARENT}", f"/sys/fs/cgroup/{CGROUP_PARENT}"):
+        found |= {p.name for p in Path(parent).glob("*") if p.is_dir()}
+    return found
 
 
 @pytest.fixture(scope="module")
