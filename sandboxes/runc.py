@@ -10,7 +10,9 @@ A run, step by step::
     write the container's config.json  ->  runc run --detach with the runner's stdin and
     stdout as two pipes we hold (runc passes its stdio through and exits once the runner
     runs)  ->  write the request, close stdin  ->  read the frame from the stdout pipe
-    ->  wait for the runner's exit  ->  runc delete --force (always)
+    ->  wait for the runner's exit  ->  remove its cgroups and runc's state for it (what
+    ``runc delete`` does for a stopped container; ``runc delete --force`` when the runner
+    did not exit or anything is not as expected)
 
 No process of ours stays between runc and the container (no shim), so this process makes
 itself a child subreaper: runners re-parent to it and their exit status is collected here.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -68,6 +71,7 @@ RUNC_TIMEOUT_S = 60.0
 RETIRE_EXIT_WAIT_S = 5.0
 STDERR_TAIL_BYTES = 2000
 PR_SET_CHILD_SUBREAPER = 36
+CGROUP_RMDIR_TRIES = 20
 
 
 @dataclass(slots=True)
@@ -318,16 +322,41 @@ class RuncSandbox:
 
     def _destroy(self, container: _Container) -> None:
         """End and remove a container: wait for the runner's own exit (it exits after its
-        frame, or at EOF on stdin), then ``runc delete --force``; the bundle goes last."""
+        frame, or at EOF on stdin), then remove what runc made; the bundle goes last."""
         for fd in (container.stdin, container.stdout):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         container.stdin = container.stdout = -1
-        self._wait_exit(container, RETIRE_EXIT_WAIT_S)
-        self._delete(container.id)
-        self._reap_status(container.pid)  # if the delete had to kill it
+        exited = self._wait_exit(container, RETIRE_EXIT_WAIT_S) is not None
+        if not (exited and self._remove_stopped(container.id)):
+            self._delete(container.id)
+            self._reap_status(container.pid)  # if the delete had to kill it
         shutil.rmtree(container.bundle, ignore_errors=True)
+
+    def _remove_stopped(self, cid: str) -> bool:
+        """Remove a container whose runner we reaped, as ``runc delete`` does for a stopped
+        one (its cgroups, then its state directory), without starting runc: ~9 of a
+        container's ~100 CPU-ms. The runner was PID 1 of the container's PID namespace, so
+        the kernel killed and reaped every other process of it before we could reap the
+        runner. False when anything is not as expected; the caller then asks runc."""
+        state = self.directory / "state" / cid
+        try:
+            paths = json.loads((state / "state.json").read_text())["cgroup_paths"]
+            cgroups = {Path(path) for path in paths.values()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        for cgroup in cgroups:
+            # Only the container's own cgroups, as this backend names them.
+            if cgroup.parts[:3] != ("/", "sys", "fs") or cgroup.parts[-2:] != (
+                CGROUP_PARENT,
+                cid,
+            ):
+                return False
+            if not _rmdir_cgroup(cgroup):
+                return False
+        shutil.rmtree(state, ignore_errors=True)
+        return not state.exists()
 
     def _delete(self, cid: str) -> None:
         """``runc delete --force``: kills what runs, removes the state and the cgroup."""
@@ -371,6 +400,21 @@ class RuncSandbox:
                 if everything or (not fresh and is_stale(_annotations(bundle), now, host)):
                     shutil.rmtree(bundle, ignore_errors=True)
         return removed
+
+
+def _rmdir_cgroup(path: Path) -> bool:
+    """Remove an empty cgroup; a task that is still exiting keeps it busy for a moment."""
+    for _ in range(CGROUP_RMDIR_TRIES):
+        try:
+            path.rmdir()
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                return False
+            time.sleep(0.005)
+    return False
 
 
 def _annotations(bundle: Path) -> dict[str, str]:
