@@ -49,7 +49,11 @@ Exit status of the runner: 0 after a frame with ok=true, 2 after ok=false.
 Behaviour
 =========
 - The source is written to /work/main.py or /work/main.sh and run as ``python3 -u main.py``
-  or ``bash main.sh`` in /work, in its own session and process group.
+  or ``bash main.sh`` in /work, in its own session and process group. The program's process
+  is forked from the runner when the container starts, before the request (and its nonce)
+  exists, and waits; a python program then runs in that interpreter, set up as
+  ``python3 -u main.py`` would be (``run_python``), so no second interpreter starts per
+  action. bash is exec'd.
 - At the deadline every process in the container is SIGKILLed (``kill(-1)`` from PID 1 reaches
   every process of the PID namespace but the runner itself, including ones that called
   setsid()). The same happens right after the program exits, so background leftovers cannot
@@ -525,7 +529,7 @@ def run_python(path: str) -> None:
         # As the interpreter makes them with -u: unbuffered writers, same codec and errors.
         binary = open(fd, "rb" if fd == 0 else "wb", -1 if fd == 0 else 0, closefd=False)  # noqa: SIM115
         stream = io.TextIOWrapper(
-            binary, old.encoding, old.errors, newline="\n", write_through=fd != 0
+            binary, old.encoding, old.errors, newline="\n", write_through=True
         )
         stream.mode = "r" if fd == 0 else "w"
         setattr(sys, name, stream)
