@@ -5,8 +5,8 @@ Two layers, both cached in the local Docker engine:
 1. ``actionfleet-base:bookworm`` — a Debian bookworm ``minbase`` root filesystem with python3
    (and bash, which minbase has), made by ``debootstrap`` from ``settings.debian_mirror`` in a
    temporary directory and imported with ``docker import``. Built once (~40 s).
-2. ``actionfleet-sandbox:<version>`` — the base plus the runner (``image/runner.py``) and an
-   unprivileged user ``sandbox`` (uid/gid 10001), built by the legacy builder with
+2. ``actionfleet-sandbox:<version>`` — the base plus the runner (``image/runner.py`` and its
+   modules) and an unprivileged user ``sandbox`` (uid/gid 10001), built by the legacy builder with
    ``network_mode="none"`` (the engine has no bridge; nothing in the recipe needs a network).
    ``<version>`` is a short hash of the recipe and the runner, so changing either gives a new
    tag and an unchanged one is never rebuilt.
@@ -51,7 +51,8 @@ SUITE = "bookworm"
 BASE_IMAGE = f"actionfleet-base:{SUITE}"
 SANDBOX_REPO = "actionfleet-sandbox"
 RECIPE_DIR = Path(__file__).with_name("image")
-RECIPE_FILES = ("Dockerfile", "runner.py")  # everything that goes into the build context
+# Everything that goes into the build context: the recipe and the runner's three modules.
+RECIPE_FILES = ("Dockerfile", "runner.py", "_runner_program.py", "_runner_supervise.py")
 DEBOOTSTRAP_TIMEOUT_S = 1800
 TAR_CHUNK = 1 << 20
 NOISY_PREFIXES = tuple(
