@@ -380,7 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = p.add_subparsers(dest="sandbox_cmd", required=True, metavar="SUBCOMMAND")
     b = ssub.add_parser("build", help="build the sandbox image without a registry")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
-    r = ssub.add_parser("reap", help="remove sandbox containers left by dead workers")
+    r = ssub.add_parser(
+        "reap",
+        help="remove sandbox containers left by dead workers",
+        description="Remove sandbox containers left by dead workers or past their expiry. "
+        "With the runc backend, also delete the templates of images the engine no longer has "
+        "that no process uses.",
+    )
     r.add_argument("--all", action="store_true", help="remove every ActionFleet sandbox")
     p.set_defaults(func=cmd_sandbox)
     return parser

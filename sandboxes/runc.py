@@ -60,7 +60,7 @@ from sandboxes.reaper import (
     owner_label,
     run_labels,
 )
-from sandboxes.runc_bundle import Template, prepare_template
+from sandboxes.runc_bundle import Template, prepare_template, prune_templates
 
 __all__ = ["RuncSandbox"]
 
@@ -135,15 +135,25 @@ class RuncSandbox:
             self._destroy(container)
 
     def reap(self) -> int:
-        """Delete containers (and bundles) of dead owners on this host, or past expiry."""
-        return self._reap(everything=False)
+        """Delete containers (and bundles) of dead owners on this host, or past expiry;
+        then the templates of images the engine no longer has that no process uses."""
+        removed = self._reap(everything=False)
+        self._prune_templates()
+        return removed
 
     def reap_all(self) -> int:
-        """Delete every container of this backend on this host, live or not."""
-        return self._reap(everything=True)
+        """Delete every container of this backend on this host, live or not; then the
+        unused templates, as ``reap()``."""
+        removed = self._reap(everything=True)
+        self._prune_templates()
+        return removed
 
     def close(self) -> None:
-        pass  # nothing held between runs
+        """Release the template (nothing else is held between runs)."""
+        with self._template_lock:
+            if self._template is not None:
+                self._template.release()
+                self._template = None
 
     # ------------------------------------------------------------------ WarmBackend
 
@@ -376,6 +386,24 @@ class RuncSandbox:
             raise SandboxError(f"runc {args[0]} failed: {done.stderr.decode()[-500:]}")
 
     # ------------------------------------------------------------------ leftovers
+
+    def _prune_templates(self) -> None:
+        """Templates follow the engine's images: one whose image is gone goes too."""
+        import docker
+        import docker.errors
+
+        try:
+            client = docker.from_env(timeout=30)
+            try:
+                keep = {i.id.removeprefix("sha256:")[:16] for i in client.images.list(all=True)}
+            finally:
+                client.close()
+        except docker.errors.DockerException as exc:
+            log.warning("runc templates not pruned: the engine's images are unknown: %s", exc)
+            return
+        pruned = prune_templates(self.directory, keep)
+        if pruned:
+            log.warning("pruned %d runc templates of images the engine no longer has", pruned)
 
     def _reap(self, *, everything: bool) -> int:
         now, host, removed = time.time(), socket.gethostname(), 0

@@ -10,19 +10,31 @@ engine's per-container files (/etc/hosts, /etc/hostname, /etc/resolv.conf: the i
 are used) and the engine's cgroup path. The root becomes a read-only copy of the image's
 files, shared by every container of the image (runc mounts it read-only in each one).
 
-Layout under ``<dir>/images/<image id>/``: ``rootfs/`` and ``config.json``. It is built in a
-temporary directory and renamed into place, so concurrent workers never see half of one.
+Layout under ``<dir>/images/<image id>/``: ``rootfs/``, ``config.json`` and ``.in-use``. It
+is built in a temporary directory and renamed into place, so concurrent workers never see half
+of one.
+
+Pruning (``prune_templates``, run by the backend's reaper): a template whose image the engine
+no longer has (an earlier sandbox recipe, or a removed image) is deleted, unless a process
+still uses it. Every process that loaded a template holds a shared ``flock`` on its
+``.in-use`` until it closes the backend or dies, so an old worker still running its image
+during a rolling upgrade keeps its template; the pruner takes the lock exclusively (without
+waiting) and renames the template away before deleting it, and a loader that raced it sees
+the rename and builds the template again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import json
+import os
 import secrets
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +42,7 @@ from typing import Any
 from producer.errors import SandboxError
 from sandboxes.base import WORKSPACE_MOUNT, Limits, RunSpec, WorkspaceMode
 
-__all__ = ["Template", "prepare_template"]
+__all__ = ["Template", "prepare_template", "prune_templates"]
 
 # Where the engine's containerd keeps each running task's bundle (dockerd's own containerd,
 # then a system containerd).
@@ -40,6 +52,10 @@ ENGINE_STATE = (
 )
 TMPFS_MOUNTS = ("/tmp", "/work")
 CPU_PERIOD_US = 100_000
+IN_USE = ".in-use"
+# A half-built template older than this is a build that died (a build takes seconds).
+BUILD_STALE_S = 3600.0
+LOAD_TRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +64,13 @@ class Template:
     to be specialised per container."""
 
     config: dict[str, Any]
+    # The shared lock on the template's ``.in-use``, held while this process uses it.
+    lock_fd: int = -1
+
+    def release(self) -> None:
+        """Let the pruner delete this template (once no other process holds it)."""
+        with contextlib.suppress(OSError):
+            os.close(self.lock_fd)
 
     def config_for(
         self,
@@ -101,11 +124,85 @@ def prepare_template(image: str, directory: Path) -> Template:
         raise SandboxError(f"the runc backend reads image {image} from the engine: {exc}") from exc
     home = directory.resolve() / "images" / image_id
     try:
-        if not (home / "config.json").exists():
-            _build(client, image, home)
+        for _ in range(LOAD_TRIES):
+            if not (home / "config.json").exists():
+                _build(client, image, home)
+            lock = _hold(home)
+            if lock is not None:
+                break
+        else:
+            raise SandboxError(f"the runc template {home} was pruned while loading it, thrice")
     finally:
         client.close()
-    return Template(json.loads((home / "config.json").read_text()))
+    try:
+        return Template(json.loads((home / "config.json").read_text()), lock)
+    except (OSError, ValueError) as exc:
+        os.close(lock)
+        raise SandboxError(f"the runc template {home} is unreadable: {exc}") from exc
+
+
+def _hold(home: Path) -> int | None:
+    """A shared lock on the template at ``home``; None when it was pruned meanwhile."""
+    try:
+        fd = os.open(home / IN_USE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a pruner is renaming it away
+    try:
+        if os.stat(home / IN_USE).st_ino == os.fstat(fd).st_ino:
+            return fd
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+    return None
+
+
+def prune_templates(directory: Path, keep: set[str]) -> int:
+    """Delete the templates under ``directory`` whose image id is not in ``keep`` (the
+    engine's image ids, 16 hex digits), that no process holds and no bundle's root is in,
+    and half-built ones older than ``BUILD_STALE_S``. Returns how many templates went."""
+    images = directory.resolve() / "images"
+    try:
+        entries = list(images.iterdir())
+    except FileNotFoundError:
+        return 0
+    now, removed, rooted = time.time(), 0, _bundle_roots(directory)
+    for entry in entries:
+        if entry.name.startswith(".trash-"):  # a prune that died half-way
+            shutil.rmtree(entry, ignore_errors=True)
+            continue
+        if entry.name.startswith(".tmp-"):
+            with contextlib.suppress(FileNotFoundError):
+                if now - entry.stat().st_mtime > BUILD_STALE_S:
+                    shutil.rmtree(entry, ignore_errors=True)
+            continue
+        if entry.name in keep or str(entry / "rootfs") in rooted:
+            continue
+        try:
+            fd = os.open(entry / IN_USE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            trash = images / f".trash-{secrets.token_hex(6)}"
+            entry.rename(trash)
+        except OSError:  # held (BlockingIOError) or gone: not ours to delete
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(trash, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _bundle_roots(directory: Path) -> set[str]:
+    """The root paths the container bundles under ``directory`` run on."""
+    roots = set()
+    with contextlib.suppress(FileNotFoundError):
+        for bundle in (directory.resolve() / "bundles").iterdir():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                roots.add(json.loads((bundle / "config.json").read_text())["root"]["path"])
+    return roots
 
 
 def _build(client: Any, image: str, home: Path) -> None:

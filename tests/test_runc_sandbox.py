@@ -7,9 +7,12 @@ that no container, bundle or cgroup of it is left.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -19,6 +22,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import docker
+import docker.errors
 import pytest
 
 from producer.client import ActionClient
@@ -339,6 +344,39 @@ def test_containers_of_a_killed_worker_are_reaped(
     assert not set(orphans) & left
     assert set(live.warm_ids()) <= left  # a live owner's containers are not touched
     assert run(live, "print(3)").stdout == b"3\n"
+
+
+def test_reap_prunes_templates_of_images_the_engine_no_longer_has(
+    runc: RuncSandbox, docker_client: docker.DockerClient
+) -> None:
+    runc.template()
+    images = runc.directory / "images"
+    (current,) = [p.name for p in images.iterdir() if not p.name.startswith(".")]
+    # An earlier recipe's image, still run by an old worker during a rolling upgrade.
+    tag = f"actionfleet-test-earlier:{secrets.token_hex(4)}"
+    recipe = f"FROM {runc.image}\nLABEL actionfleet.test={tag}\n".encode()
+    earlier, _ = docker_client.images.build(fileobj=io.BytesIO(recipe), tag=tag, rm=True)
+    earlier_id = earlier.id.removeprefix("sha256:")[:16]
+    old_worker = RuncSandbox(image=tag, directory=runc.directory)
+    died_building, building = images / ".tmp-000000000000", images / ".tmp-111111111111"
+    try:
+        assert run(old_worker, "print(1)").stdout == b"1\n"
+        docker_client.images.remove(tag)
+        died_building.mkdir()
+        os.utime(died_building, (0, 0))
+        building.mkdir()
+        runc.reap()
+        # Held by the old worker: kept; a build in progress: kept; a dead build: gone.
+        assert {p.name for p in images.iterdir()} == {current, earlier_id, building.name}
+        assert run(old_worker, "print(2)").stdout == b"2\n"
+    finally:
+        old_worker.close()
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_client.images.remove(tag)
+    runc.reap()
+    assert {p.name for p in images.iterdir()} == {current, building.name}
+    assert run(runc, "print(3)").stdout == b"3\n"  # the current image's template still works
+    building.rmdir()
 
 
 def test_code_actions_through_a_worker_on_the_runc_backend(
