@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
@@ -32,7 +34,9 @@ from producer.errors import SandboxError
 from sandboxes import open_backend
 from sandboxes.base import Limits, RunOutcome, RunSpec
 from sandboxes.pool import PooledSandbox
+from sandboxes.reaper import run_labels
 from sandboxes.runc import CGROUP_PARENT, RuncSandbox
+from sandboxes.seccomp_filter import read_filters
 from tests.conftest import MARKER_PROGRAM, RedisServer, code_action, start_worker
 from tests.services import require
 
@@ -168,6 +172,80 @@ def test_container_is_locked_down_like_the_docker_backend(runc: RuncSandbox) -> 
     assert got["interfaces"] == ["lo"]  # no network: a namespace with loopback only
     assert (got["root_writable"], got["tmp_writable"]) == (False, True)
     assert got["memory_limit"] == str(96 * 1024 * 1024)
+
+
+SYSCALL_PROBE = r"""
+import ctypes, json
+libc = ctypes.CDLL(None, use_errno=True)
+def errno_of(number, *args):
+    ctypes.set_errno(0)
+    return 0 if libc.syscall(number, *args) == 0 else ctypes.get_errno()
+status = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines())
+print(json.dumps({
+    "seccomp": status["Seccomp"].strip(), "filters": status["Seccomp_filters"].strip(),
+    "keyctl": errno_of(250, 0, -3, 0),  # KEYCTL_GET_KEYRING_ID: not in the profile
+    "unshare_user": errno_of(272, 0x10000000),  # CLONE_NEWUSER: needs CAP_SYS_ADMIN there
+    "clone3": errno_of(435, 0, 0),  # ENOSYS in the profile, so libc falls back to clone
+    "getpid": errno_of(39),
+}))
+"""
+
+
+def test_programs_run_under_the_docker_backends_own_seccomp_program(
+    runc: RuncSandbox, sandbox_factory: Callable[..., Any], docker_client: docker.DockerClient
+) -> None:
+    engine = sandbox_factory("runc")
+    on_engine = engine.run(RunSpec(language="python", source=SYSCALL_PROBE, limits=LIMITS))
+    on_runc = run(runc, SYSCALL_PROBE)
+    assert on_runc.stdout == on_engine.stdout, (on_runc.stderr, on_engine.stderr)
+    assert json.loads(on_runc.stdout) == {
+        "seccomp": "2", "filters": "1", "keyctl": errno.EPERM,
+        "unshare_user": errno.EPERM, "clone3": errno.ENOSYS, "getpid": 0,
+    }  # fmt: skip
+    # The very program the engine's runc compiled, installed once by the runner.
+    labels = run_labels(RunSpec(language="python", source="", limits=LIMITS), "runc", 2.0)
+    warm_engine, warm_runc = engine.start_warm(LIMITS, labels), runc.start_warm(LIMITS, labels)
+    try:
+        runner = warm_runc.handle.pid
+        end = time.monotonic() + 30
+        while "Seccomp:\t2\n" not in Path(f"/proc/{runner}/status").read_text():
+            assert time.monotonic() < end, "the runner never installed its filter"
+            time.sleep(0.01)
+        engine_runner = docker_client.api.inspect_container(warm_engine.id)["State"]["Pid"]
+        filters = read_filters(runner)
+        assert len(filters) == 1 and filters == read_filters(engine_runner)
+    finally:
+        engine.retire(warm_engine)
+        runc.retire(warm_runc)
+
+
+def test_a_runner_without_its_seccomp_program_runs_nothing(
+    runc: RuncSandbox, docker_client: docker.DockerClient, tmp_path: Path
+) -> None:
+    runc.template()
+    image_id = docker_client.images.get(runc.image).id.removeprefix("sha256:")[:16]
+    config = json.loads((runc.directory / "images" / image_id / "config.json").read_text())
+    args = config["process"]["args"]
+    assert args[-2:] == ["--seccomp-filter", "/opt/actionfleet/seccomp.bpf"]
+    assert "seccomp" not in config["linux"]  # runc compiles nothing per container
+    workspace = tmp_path / "workspace"
+    workspace.mkdir(mode=0o777)
+    os.chmod(workspace, 0o777)
+    source = "open('/workspace/ran', 'w').close()"
+    for bad in ("/opt/actionfleet/missing.bpf", "/dev/null"):
+        # A template whose runner is pointed at no program (the root is the real one's).
+        broken_dir = tmp_path / secrets.token_hex(4)
+        (broken_dir / "images" / image_id).mkdir(parents=True)
+        config["process"]["args"] = [*args[:-1], bad]
+        (broken_dir / "images" / image_id / "config.json").write_text(json.dumps(config))
+        broken = RuncSandbox(image=runc.image, directory=broken_dir)
+        spec = RunSpec(language="python", source=source, limits=LIMITS, workspace=(workspace, "rw"))
+        with pytest.raises(SandboxError, match="no seccomp filter, so nothing runs"):
+            broken.run(spec)
+        broken.close()
+        assert broken.containers() == [] and not (workspace / "ran").exists()
+    # The same program with the real template runs (so the check above could fail).
+    assert runc.run(spec).exit_code == 0 and (workspace / "ran").exists()
 
 
 def test_program_cannot_reach_the_host_network(runc: RuncSandbox) -> None:

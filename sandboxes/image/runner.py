@@ -47,7 +47,8 @@ the only output of its run::
                        all reaped descendants (getrusage(RUSAGE_CHILDREN)), wall from spawn
                        to the program's exit
 
-Exit status of the runner: 0 after a frame with ok=true, 2 after ok=false.
+Exit status of the runner: 0 after a frame with ok=true, 2 after ok=false, 3 when it was
+told to install a seccomp filter and could not (no frame: nothing ran).
 
 Behaviour
 =========
@@ -61,6 +62,12 @@ Behaviour
   every process of the PID namespace but the runner itself, including ones that called
   setsid()). The same happens right after the program exits, so background leftovers cannot
   hold the output pipes open.
+- ``runner.py --seccomp-filter PATH`` (the runc backend's containers): before anything else
+  (the program's fork, a thread, reading the request) the runner puts itself under the
+  classic-BPF seccomp program at PATH, which its children inherit; it refuses to go on
+  without it. Until then only the interpreter's start and this module's imports have run,
+  none of it touching the request. The Docker backend's runc installs the same program
+  before it execs the runner; the runc backend's template takes it from there.
 - A reaper thread waits for every child (orphans are re-parented to PID 1), so zombies do not
   pile up against the pids limit.
 - The runner makes itself non-dumpable, so the program (same uid) cannot open /proc/1/fd/1
@@ -93,6 +100,7 @@ from _runner_supervise import (
     Feeder,
     Reaper,
     harden_self,
+    install_seccomp_filter,
     judge_oom,
     kill_everything,
     oom_counters,
@@ -101,6 +109,7 @@ from _runner_supervise import (
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
+SECCOMP_FLAG = "--seccomp-filter"
 # After the program exits or is killed, how long to wait for pipes to drain and for the last
 # processes to be reaped. Everything was SIGKILLed, so this only bounds a misbehaving kernel.
 DRAIN_TIMEOUT_S = 2.0
@@ -287,7 +296,13 @@ def emit(frame: dict) -> None:
 
 
 def main() -> int:
-    program = Program()  # first: forked before the request, a thread or the hardening
+    if sys.argv[1:2] == [SECCOMP_FLAG]:  # the runc backend's containers (see the module doc)
+        try:
+            install_seccomp_filter(sys.argv[2])
+        except (OSError, IndexError) as exc:
+            os.write(2, f"runner: no seccomp filter, so nothing runs: {exc}\n".encode())
+            return 3
+    program = Program()  # forked before the request, a thread or the hardening
     harden_self()
     raw = sys.stdin.buffer.read()  # the whole request, until the host closes stdin
     try:
