@@ -1,7 +1,7 @@
 """The runner's wire protocol on the host side, for every backend: the request, and the
 result frame read from the runner's stdout (a Docker attach stream, a log, or a pipe).
 
-``sandboxes/image/runner.py`` documents the protocol itself.
+``sandboxes/image/_runner_main.py`` documents the protocol itself.
 """
 
 from __future__ import annotations

@@ -51,8 +51,14 @@ SUITE = "bookworm"
 BASE_IMAGE = f"actionfleet-base:{SUITE}"
 SANDBOX_REPO = "actionfleet-sandbox"
 RECIPE_DIR = Path(__file__).with_name("image")
-# Everything that goes into the build context: the recipe and the runner's three modules.
-RECIPE_FILES = ("Dockerfile", "runner.py", "_runner_program.py", "_runner_supervise.py")
+# Everything that goes into the build context: the recipe, the runner's script and modules.
+RECIPE_FILES = (
+    "Dockerfile",
+    "runner.py",
+    "_runner_main.py",
+    "_runner_program.py",
+    "_runner_supervise.py",
+)
 DEBOOTSTRAP_TIMEOUT_S = 1800
 TAR_CHUNK = 1 << 20
 NOISY_PREFIXES = tuple(

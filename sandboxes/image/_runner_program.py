@@ -1,7 +1,7 @@
 """The program's process: forked from the runner when the container starts, it waits for
 the word to go, then runs the program (see ``Program``)."""
 
-# Only C modules are imported (as in runner.py, whose start-up cost this is part of).
+# Only C modules are imported (as in _runner_main.py, whose start-up cost this is part of).
 from __future__ import annotations
 
 import _signal as signal

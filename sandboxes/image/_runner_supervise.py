@@ -1,7 +1,7 @@
 """The runner's supervision of the program: threads for its pipes and for reaping, OOM
 evidence from the container's cgroup, killing what is left, and the runner's hardening."""
 
-# Only C modules are imported (as in runner.py, whose start-up cost this is part of).
+# Only C modules are imported (as in _runner_main.py, whose start-up cost this is part of).
 from __future__ import annotations
 
 import _signal as signal
