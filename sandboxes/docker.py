@@ -6,10 +6,11 @@ A run, step by step::
     request and half-close (EOF for the runner)  ->  wait(timeout + grace)  ->  read the
     runner's result frame from the container log  ->  inspect State  ->  remove (always)
 
-The runner (``sandboxes/image/runner.py``, PID 1 in the container; ``_runner_main.py``'s
-docstring documents the wire protocol) enforces the program's deadline and output bounds itself. This
-side is the hard backstop: if the container is still running ``kill_grace_s`` after the
-deadline it is killed, and whatever happens the container is removed in ``finally``.
+The runner (``sandboxes/image/runner.py``, PID 1 in the container; the docstring of
+``_runner_main.py`` documents the wire protocol) enforces the program's deadline and output
+bounds itself. This side is the hard backstop: if the container is still running
+``kill_grace_s`` after the deadline it is killed, and whatever happens the container is
+removed in ``finally``.
 
 Timeouts: ``timed_out`` is the runner's report (it SIGKILLed the program at the deadline), or
 the host watchdog fired (then there is no frame).
