@@ -36,6 +36,7 @@ import contextlib
 import copy
 import fcntl
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -51,6 +52,8 @@ from sandboxes.base import WORKSPACE_MOUNT, Limits, RunSpec, WorkspaceMode
 from sandboxes.seccomp_filter import read_filters
 
 __all__ = ["Template", "prepare_template", "prune_templates"]
+
+log = logging.getLogger(__name__)
 
 # Where the engine's containerd keeps each running task's bundle (dockerd's own containerd,
 # then a system containerd).
@@ -265,20 +268,20 @@ def _engine_config(cid: str) -> dict[str, Any]:
 
 
 def _engine_seccomp(client: Any, cid: str, config: dict[str, Any]) -> bytes | None:
-    """The seccomp program the engine's runc compiled for running container ``cid``
-    (read from its runner), or None when its config has no seccomp profile."""
+    """The seccomp program the engine's runc compiled for running container ``cid`` (read
+    from its runner), or None when the config has no profile or the program cannot be
+    read: the profile then stays in the config and runc compiles it per container."""
     if "seccomp" not in config["linux"]:
         return None
     pid = int(client.api.inspect_container(cid)["State"]["Pid"])
     try:
         filters = read_filters(pid)
     except OSError as exc:
-        raise SandboxError(
-            "the runc backend reads the engine's compiled seccomp filter from a sandbox "
-            f"container with ptrace, which failed: {exc}"
-        ) from exc
+        log.warning("runc will compile seccomp per container: reading the engine's: %s", exc)
+        return None
     if len(filters) != 1:
-        raise SandboxError(f"a sandbox container runs under {len(filters)} seccomp filters, not 1")
+        log.warning("runc will compile seccomp per container: %d filters seen", len(filters))
+        return None
     return filters[0]
 
 
