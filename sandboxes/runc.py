@@ -137,16 +137,12 @@ class RuncSandbox:
     def reap(self) -> int:
         """Delete containers (and bundles) of dead owners on this host, or past expiry;
         then the templates of images the engine no longer has that no process uses."""
-        removed = self._reap(everything=False)
-        self._prune_templates()
-        return removed
+        return self._reap(everything=False)
 
     def reap_all(self) -> int:
         """Delete every container of this backend on this host, live or not; then the
         unused templates, as ``reap()``."""
-        removed = self._reap(everything=True)
-        self._prune_templates()
-        return removed
+        return self._reap(everything=True)
 
     def close(self) -> None:
         """Release the template (nothing else is held between runs)."""
@@ -395,13 +391,13 @@ class RuncSandbox:
         try:
             client = docker.from_env(timeout=30)
             try:
-                keep = {i.id.removeprefix("sha256:")[:16] for i in client.images.list(all=True)}
+                images = {image.id for image in client.images.list(all=True)}
             finally:
                 client.close()
         except docker.errors.DockerException as exc:
             log.warning("runc templates not pruned: the engine's images are unknown: %s", exc)
             return
-        pruned = prune_templates(self.directory, keep)
+        pruned = prune_templates(self.directory, images)
         if pruned:
             log.warning("pruned %d runc templates of images the engine no longer has", pruned)
 
@@ -427,6 +423,7 @@ class RuncSandbox:
                 fresh = now - bundle.stat().st_mtime < EXPIRY_SLACK_S
                 if everything or (not fresh and is_stale(_annotations(bundle), now, host)):
                     shutil.rmtree(bundle, ignore_errors=True)
+        self._prune_templates()  # after the containers: a dead one's template can go too
         return removed
 
 

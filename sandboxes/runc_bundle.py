@@ -51,7 +51,7 @@ from producer.errors import SandboxError
 from sandboxes.base import WORKSPACE_MOUNT, Limits, RunSpec, WorkspaceMode
 from sandboxes.seccomp_filter import read_filters
 
-__all__ = ["Template", "prepare_template", "prune_templates"]
+__all__ = ["Template", "prepare_template", "prune_templates", "template_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,9 @@ def prepare_template(image: str, directory: Path) -> Template:
 
     try:
         client = docker.from_env(timeout=120)
-        image_id = client.images.get(image).id.removeprefix("sha256:")[:16]
+        home = template_dir(directory, client.images.get(image).id)
     except docker.errors.DockerException as exc:
         raise SandboxError(f"the runc backend reads image {image} from the engine: {exc}") from exc
-    home = directory.resolve() / "images" / image_id
     try:
         for _ in range(LOAD_TRIES):
             if not (home / "config.json").exists():
@@ -154,10 +153,19 @@ def prepare_template(image: str, directory: Path) -> Template:
         raise SandboxError(f"the runc template {home} is unreadable: {exc}") from exc
 
 
+def template_dir(directory: Path, image_id: str) -> Path:
+    """Where the template of the engine's image ``image_id`` lives under ``directory``."""
+    return directory.resolve() / "images" / image_id.removeprefix("sha256:")[:16]
+
+
+def _open_in_use(home: Path) -> int:
+    return os.open(home / IN_USE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
 def _hold(home: Path) -> int | None:
     """A shared lock on the template at ``home``; None when it was pruned meanwhile."""
     try:
-        fd = os.open(home / IN_USE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = _open_in_use(home)
     except FileNotFoundError:
         return None
     fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a pruner is renaming it away
@@ -170,16 +178,17 @@ def _hold(home: Path) -> int | None:
     return None
 
 
-def prune_templates(directory: Path, keep: set[str]) -> int:
-    """Delete the templates under ``directory`` whose image id is not in ``keep`` (the
-    engine's image ids, 16 hex digits), that no process holds and no bundle's root is in,
-    and half-built ones older than ``BUILD_STALE_S``. Returns how many templates went."""
+def prune_templates(directory: Path, engine_image_ids: set[str]) -> int:
+    """Delete the templates under ``directory`` of images not among ``engine_image_ids``
+    that no process holds and no bundle's root is in, and half-built ones older than
+    ``BUILD_STALE_S``. Returns how many templates went."""
     images = directory.resolve() / "images"
     try:
         entries = list(images.iterdir())
     except FileNotFoundError:
         return 0
-    now, removed, rooted = time.time(), 0, _bundle_roots(directory)
+    keep = {template_dir(directory, image_id).name for image_id in engine_image_ids}
+    now, removed, rooted = time.time(), 0, None
     for entry in entries:
         if entry.name.startswith(".trash-"):  # a prune that died half-way
             shutil.rmtree(entry, ignore_errors=True)
@@ -189,10 +198,14 @@ def prune_templates(directory: Path, keep: set[str]) -> int:
                 if now - entry.stat().st_mtime > BUILD_STALE_S:
                     shutil.rmtree(entry, ignore_errors=True)
             continue
-        if entry.name in keep or str(entry / "rootfs") in rooted:
+        if entry.name in keep:
+            continue
+        if rooted is None:  # read the bundles only when there is a template to prune
+            rooted = _bundle_roots(directory)
+        if str(entry / "rootfs") in rooted:
             continue
         try:
-            fd = os.open(entry / IN_USE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = _open_in_use(entry)
         except OSError:
             continue
         try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import itertools
 import os
 
 __all__ = ["SOCK_FILTER_BYTES", "read_filters"]
@@ -47,19 +46,17 @@ def read_filters(pid: int) -> list[bytes]:
     try:
         call(PTRACE_INTERRUPT, None, None)
         os.waitpid(pid, WALL)
-        filters = []
-        for index in itertools.count():
+        filters: list[bytes] = []
+        while True:
             try:
-                count = call(PTRACE_SECCOMP_GET_FILTER, index, None)
+                count = call(PTRACE_SECCOMP_GET_FILTER, len(filters), None)
             except OSError as exc:
-                if exc.errno == errno.ENOENT:  # past the oldest filter
-                    return filters
-                if exc.errno == errno.EINVAL and index == 0:  # not in filter mode at all
+                # ENOENT: past the oldest filter; EINVAL first: not in filter mode at all.
+                if exc.errno == errno.ENOENT or (exc.errno == errno.EINVAL and not filters):
                     return filters
                 raise
             buffer = ctypes.create_string_buffer(count * SOCK_FILTER_BYTES)
-            got = call(PTRACE_SECCOMP_GET_FILTER, index, buffer)
+            got = call(PTRACE_SECCOMP_GET_FILTER, len(filters), buffer)
             filters.append(buffer.raw[: got * SOCK_FILTER_BYTES])
-        raise AssertionError("unreachable")  # pragma: no cover
     finally:
         ptrace(PTRACE_DETACH, pid, None, None)

@@ -36,6 +36,7 @@ from sandboxes.base import Limits, RunOutcome, RunSpec
 from sandboxes.pool import PooledSandbox
 from sandboxes.reaper import run_labels
 from sandboxes.runc import CGROUP_PARENT, RuncSandbox
+from sandboxes.runc_bundle import template_dir
 from sandboxes.seccomp_filter import read_filters
 from tests.conftest import MARKER_PROGRAM, RedisServer, code_action, start_worker
 from tests.services import require
@@ -212,8 +213,8 @@ def test_programs_run_under_the_docker_backends_own_seccomp_program(
         while "Seccomp:\t2\n" not in Path(f"/proc/{warm.handle.pid}/status").read_text():
             assert time.monotonic() < end, "the runner never installed its filter"
             time.sleep(0.01)
-        image_id = docker_client.images.get(runc.image).id.removeprefix("sha256:")[:16]
-        program = runc.directory / "images" / image_id / "rootfs/opt/actionfleet/seccomp.bpf"
+        home = template_dir(runc.directory, docker_client.images.get(runc.image).id)
+        program = home / "rootfs/opt/actionfleet/seccomp.bpf"
         assert read_filters(warm.handle.pid) == [program.read_bytes()]
     finally:
         runc.retire(warm)
@@ -223,8 +224,8 @@ def test_a_runner_without_its_seccomp_program_runs_nothing(
     runc: RuncSandbox, docker_client: docker.DockerClient, tmp_path: Path
 ) -> None:
     runc.template()
-    image_id = docker_client.images.get(runc.image).id.removeprefix("sha256:")[:16]
-    config = json.loads((runc.directory / "images" / image_id / "config.json").read_text())
+    image_id = docker_client.images.get(runc.image).id
+    config = json.loads((template_dir(runc.directory, image_id) / "config.json").read_text())
     args = config["process"]["args"]
     assert args[-2:] == ["--seccomp-filter", "/opt/actionfleet/seccomp.bpf"]
     assert "seccomp" not in config["linux"]  # runc compiles nothing per container
@@ -235,9 +236,9 @@ def test_a_runner_without_its_seccomp_program_runs_nothing(
     for bad in ("/opt/actionfleet/missing.bpf", "/dev/null"):
         # A template whose runner is pointed at no program (the root is the real one's).
         broken_dir = tmp_path / secrets.token_hex(4)
-        (broken_dir / "images" / image_id).mkdir(parents=True)
+        template_dir(broken_dir, image_id).mkdir(parents=True)
         config["process"]["args"] = [*args[:-1], bad]
-        (broken_dir / "images" / image_id / "config.json").write_text(json.dumps(config))
+        (template_dir(broken_dir, image_id) / "config.json").write_text(json.dumps(config))
         broken = RuncSandbox(image=runc.image, directory=broken_dir)
         spec = RunSpec(language="python", source=source, limits=LIMITS, workspace=(workspace, "rw"))
         with pytest.raises(SandboxError, match="no seccomp filter, so nothing runs"):
@@ -434,7 +435,7 @@ def test_reap_prunes_templates_of_images_the_engine_no_longer_has(
     tag = f"actionfleet-test-earlier:{secrets.token_hex(4)}"
     recipe = f"FROM {runc.image}\nLABEL actionfleet.test={tag}\n".encode()
     earlier, _ = docker_client.images.build(fileobj=io.BytesIO(recipe), tag=tag, rm=True)
-    earlier_id = earlier.id.removeprefix("sha256:")[:16]
+    earlier_id = template_dir(runc.directory, earlier.id).name
     old_worker = RuncSandbox(image=tag, directory=runc.directory)
     died_building, building = images / ".tmp-000000000000", images / ".tmp-111111111111"
     try:
