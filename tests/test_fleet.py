@@ -192,8 +192,10 @@ def test_message_headers_name_the_action_not_its_payload(
 
 
 def _containers_of(docker_client, action_id: str) -> list:
-    return docker_client.containers.list(
-        all=True, filters={"label": f"actionfleet.action_id={action_id}"}
+    # The engine's own list: docker-py's containers.list inspects each listed container
+    # afterwards and fails whole when one was removed in between.
+    return docker_client.api.containers(
+        all=True, quiet=True, filters={"label": f"actionfleet.action_id={action_id}"}
     )
 
 
