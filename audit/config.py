@@ -1,17 +1,22 @@
-"""Audit settings: the ``audit_*`` fields of ``producer.config.Settings`` as one value."""
+"""Audit settings: ``ACTIONFLEET_CLICKHOUSE_DSN`` and ``ACTIONFLEET_AUDIT_*``, and the same
+as one plain value (``AuditSettings``) for the emitter, the ingester and the CLI."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
-from producer.config import Settings, get_settings
+from pydantic import Field
+
+from producer.config import ProducerSettings
 
 __all__ = [
     "DEAD_STREAM",
     "DEFAULT_SENSITIVE_FIELDS",
     "GROUP",
     "STREAM",
+    "AuditEnvSettings",
     "AuditSettings",
     "audit_settings",
 ]
@@ -20,8 +25,35 @@ STREAM = "actionfleet:audit"
 DEAD_STREAM = "actionfleet:audit:dead"
 GROUP = "audit-ingesters"
 
+
+class AuditEnvSettings(ProducerSettings):
+    """The audit knobs, read from the environment (the fleet's home and broker included)."""
+
+    clickhouse_dsn: str = Field("", description="chdb:///path or http(s)://host:8123")
+
+    audit_stream: str = Field("actionfleet:audit", description="Redis stream of audit events")
+    audit_retention_days: int = Field(365, ge=1, description="ClickHouse TTL of audit rows")
+    audit_batch_size: int = Field(10_000, ge=1, description="ingester flushes at this many")
+    audit_batch_age_s: float = Field(1.0, gt=0, description="... or when a batch is this old")
+    audit_claim_idle_s: float = Field(60.0, gt=0, description="claim a dead ingester's entries")
+    audit_preview_bytes: int = Field(4_096, ge=0, description="cap of input/output previews")
+    audit_linger_s: float = Field(
+        0.1, gt=0, le=60, description="a worker batches its events this long before one XADD"
+    )
+    audit_sensitive_fields: str = Field(
+        "password,passwd,authorization,token,secret,api_key,apikey,cookie,private_key,credentials",
+        description="comma-separated field names whose values are never written",
+    )
+    audit_spool_dir: Path | None = Field(None, description="default: <home>/audit-spool")
+
+
+@lru_cache(maxsize=1)
+def _env() -> AuditEnvSettings:
+    return AuditEnvSettings()
+
+
 DEFAULT_SENSITIVE_FIELDS: frozenset[str] = frozenset(
-    f.strip() for f in Settings.model_fields["audit_sensitive_fields"].default.split(",")
+    f.strip() for f in AuditEnvSettings.model_fields["audit_sensitive_fields"].default.split(",")
 )
 
 
@@ -54,9 +86,9 @@ def _fields(raw: str) -> frozenset[str]:
     return frozenset(s.strip().lower() for s in raw.split(",") if s.strip())
 
 
-def audit_settings(settings: Settings | None = None) -> AuditSettings:
-    """Audit settings from the project's settings object (default: ``get_settings()``)."""
-    s = settings or get_settings()
+def audit_settings(settings: AuditEnvSettings | None = None) -> AuditSettings:
+    """Audit settings from a settings object (default: the environment's)."""
+    s = settings or _env()
     return AuditSettings(
         home=Path(s.home),
         broker_url=s.resolved_broker_url(),

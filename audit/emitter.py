@@ -9,6 +9,9 @@ instead of one per event, at the price of up to ``linger_s`` of audit delay. Whe
 is unreachable, events wait in memory and, past a bound (or at close), in durable spool
 files that any later emitter on the same spool dir replays. Nothing is dropped and the
 action is never failed or slowed by the audit path.
+
+It is a pipeline middleware by shape (the four hooks of ``workers.middleware.Middleware``)
+rather than by inheritance, so the audit package never imports the worker side.
 """
 
 from __future__ import annotations
@@ -29,14 +32,13 @@ from redis.retry import Retry
 from audit.config import DEFAULT_SENSITIVE_FIELDS, STREAM
 from audit.events import EventSnapshot, build, encode, pack, snapshot
 from audit.spool import Spool
-from workers.middleware import LifecycleEvent, Middleware
 
 __all__ = ["AuditMiddleware"]
 
 log = logging.getLogger(__name__)
 
 
-class AuditMiddleware(Middleware):
+class AuditMiddleware:
     def __init__(
         self,
         redis_url: str,
@@ -79,7 +81,14 @@ class AuditMiddleware(Middleware):
 
     # -- the action thread ---------------------------------------------------------------
 
-    def on_event(self, event: LifecycleEvent) -> None:
+    def before_execute(self, ctx: Any) -> None:
+        """Nothing to check before an action: the audit trail only listens."""
+
+    def after_execute(self, ctx: Any, result: Any) -> None:
+        """Nothing: the ``finished`` event carries the result."""
+
+    def on_event(self, event: Any) -> None:
+        """Buffer one ``workers.middleware.LifecycleEvent``; never raises."""
         try:
             snap = snapshot(event)
             self._ensure_thread()

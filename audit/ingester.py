@@ -21,13 +21,11 @@ retry does not double count.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
 import queue
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -53,7 +51,7 @@ from audit.ingest_write import EVENTS_TABLE as EVENTS_TABLE  # re-exported: its 
 from audit.ingest_write import already_stored, insert_rows, repair_results
 from audit.store import connect, endpoint_file, migrate
 
-__all__ = ["Ingester", "main"]
+__all__ = ["Ingester"]
 
 log = logging.getLogger(__name__)
 
@@ -361,19 +359,3 @@ class Ingester:
     def lag(self) -> dict[str, int]:
         """Stream length and this group's pending count (what still waits)."""
         return self.group_consumer.lag()
-
-
-# ------------------------------------------------------------------------- entry point
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m audit.ingester``: the same as ``actionfleet audit ingest``."""
-    from audit.cli import add_ingest_arguments, cmd_ingest
-
-    parser = argparse.ArgumentParser(prog="python -m audit.ingester", description=__doc__)
-    add_ingest_arguments(parser)
-    return cmd_ingest(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

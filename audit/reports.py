@@ -2,7 +2,8 @@
 
 Every function takes a ``Reader`` (``audit.store.open_reader``) or a raw clickhouse-connect
 client and returns JSON-ready rows (list of dicts). Values are bound as ClickHouse query
-parameters, never formatted into SQL.
+parameters, never formatted into SQL. Windows ("the last 30 days") end at ``now``, which
+defaults to the current time and can be given, so a report is reproducible.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ def _rows(source: Any, sql: str, **params: Any) -> list[dict[str, Any]]:
     return _reader(source).query(sql, params).dicts()
 
 
+# The end of a window, bound as microseconds since the epoch (no time-zone parsing).
+NOW = "fromUnixTimestamp64Micro({now_us:Int64}, 'UTC')"
+
+
+def _now_us(now: datetime | None) -> int:
+    when = now or datetime.now(UTC)
+    if when.tzinfo is None:
+        raise ValueError("now must be time-zone aware (e.g. datetime.now(UTC))")
+    return int(when.timestamp() * 1_000_000)
+
+
 def trace(source: Any, action_id: str) -> list[dict[str, Any]]:
     """Every recorded stage of one action, all attempts, in order."""
     return _rows(
@@ -68,10 +80,14 @@ def trace(source: Any, action_id: str) -> list[dict[str, Any]]:
 
 
 def tenant(
-    source: Any, tenant_id: str, days: int = 30, user_id: str | None = None
+    source: Any,
+    tenant_id: str,
+    days: int = 30,
+    user_id: str | None = None,
+    now: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """Compliance: every action of a tenant (optionally one user) in the last ``days``,
-    one row per action, including ones refused or still running."""
+    """Compliance: every action of a tenant (optionally one user) in the ``days`` before
+    ``now``, one row per action, including ones refused or still running."""
     user_clause = "AND user_id = {u:String}" if user_id else ""
     return _rows(
         source,
@@ -91,11 +107,13 @@ def tenant(
                   anyIf(input_sha256, input_sha256 != '') AS input_sha256
            FROM {E}
            WHERE tenant_id = {{t:String}}
-             AND event_time >= now64(6) - toIntervalDay({{d:UInt32}}) {user_clause}
+             AND event_time >= {NOW} - toIntervalDay({{d:UInt32}})
+             AND event_time <= {NOW} {user_clause}
            GROUP BY action_id
            ORDER BY first_seen, action_id""",
         t=tenant_id,
         d=int(days),
+        now_us=_now_us(now),
         **({"u": user_id} if user_id else {}),
     )
 
@@ -129,8 +147,11 @@ def usage(source: Any, month: str | None = None) -> list[dict[str, Any]]:
     )
 
 
-def denials(source: Any, days: int = 7, tenant_id: str | None = None) -> list[dict[str, Any]]:
-    """Safety: actions denied by policy or stopped for exceeding their scope."""
+def denials(
+    source: Any, days: int = 7, tenant_id: str | None = None, now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Safety: actions denied by policy or stopped for exceeding their scope, in the
+    ``days`` before ``now``."""
     tenant_clause = "AND tenant_id = {t:String}" if tenant_id else ""
     return _rows(
         source,
@@ -138,20 +159,28 @@ def denials(source: Any, days: int = 7, tenant_id: str | None = None) -> list[di
                   attempt, status, error_type,
                   if(policy_decision = 'deny', policy_reason, error_message) AS reason
            FROM {R}
-           WHERE finished_at >= now64(6) - toIntervalDay({{d:UInt32}})
+           WHERE finished_at >= {NOW} - toIntervalDay({{d:UInt32}})
+             AND finished_at <= {NOW}
              AND (status = 'denied' OR error_type IN {{e:Array(String)}}) {tenant_clause}
            ORDER BY finished_at DESC
            LIMIT 10000""",
         d=int(days),
+        now_us=_now_us(now),
         e=list(SCOPE_ERRORS),
         **({"t": tenant_id} if tenant_id else {}),
     )
 
 
-def summary(source: Any, since_minutes: int = 60, tenant_id: str | None = None) -> str:
-    """A few lines for ``actionfleet demo``: events by stage, results by status."""
-    where = "event_time >= now64(6) - toIntervalMinute({m:UInt32})"
-    params: dict[str, Any] = {"m": int(since_minutes)}
+def summary(
+    source: Any,
+    since_minutes: int = 60,
+    tenant_id: str | None = None,
+    now: datetime | None = None,
+) -> str:
+    """A few lines for ``actionfleet demo``: events by stage, results by status, in the
+    ``since_minutes`` before ``now``."""
+    where = f"event_time >= {NOW} - toIntervalMinute({{m:UInt32}}) AND event_time <= {NOW}"
+    params: dict[str, Any] = {"m": int(since_minutes), "now_us": _now_us(now)}
     if tenant_id:
         where += " AND tenant_id = {t:String}"
         params["t"] = tenant_id

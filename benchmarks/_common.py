@@ -79,7 +79,7 @@ def table(rows: list[tuple[str, list[float]]], baseline: str) -> str:
 
 @contextmanager
 def redis_server() -> Iterator[str]:
-    from workers.fleet import free_port, redis_argv
+    from workers.ops.fleet import free_port, redis_argv
 
     port = free_port()
     proc = subprocess.Popen(redis_argv("redis-server", port), stdout=subprocess.DEVNULL)
@@ -115,7 +115,7 @@ def celery_worker(
     name = f"bench-{queue}-{os.getpid()}{tag}@localhost"
     env = dict(os.environ, ACTIONFLEET_BROKER_URL=broker_url, PYTHONPATH=str(ROOT), **env_extra)
     log = Path(tempfile.mkdtemp()) / "worker.log"
-    from workers.fleet import celery_worker_argv
+    from workers.ops.fleet import celery_worker_argv
 
     argv = celery_worker_argv(
         queue, app=app, name=name, concurrency=concurrency, loglevel="WARNING", pool=pool

@@ -53,7 +53,7 @@ def main() -> None:
     from celery import Celery, group
 
     from producer.client import ActionClient
-    from producer.config import Settings
+    from workers.config import Settings
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()

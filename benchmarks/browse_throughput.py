@@ -39,9 +39,9 @@ def main() -> None:
     from producer.models import action_adapter
     from workers.executors.browse import BrowseExecutor
     from workers.middleware import ActionContext
+    from workers.outbound.secrets import build_secret_store
     from workers.policy import Grant, TenantPolicy
-    from workers.secrets import build_secret_store
-    from workers.workspace import Workspaces
+    from workers.workspace.tenant import Workspaces
 
     tmp = Path(tempfile.mkdtemp(prefix="browse-bench-"))
     (tmp / "site").mkdir()

@@ -35,8 +35,8 @@ def main() -> None:
     from celery import Celery
 
     from producer.client import ActionClient
-    from producer.config import Settings
     from sandboxes.image import ensure_image
+    from workers.config import Settings
 
     image = ensure_image()
     engine = docker.from_env()

@@ -97,7 +97,7 @@ def throughput(
 ) -> Subject:
     """n back-to-back actions with `concurrency` in flight: rate, latency, CPU per action."""
     from producer.client import ActionClient
-    from producer.config import Settings
+    from workers.config import Settings
 
     with celery_worker(
         "workers.app",
@@ -155,10 +155,10 @@ def _cgroup_usage(backend: str, container_id: str) -> tuple[int, int]:
 
 def idle_pool_memory(backend: str, count: int = 8) -> tuple[int, int]:
     """Summed cgroup memory of `count` idle warm containers of the default profile."""
-    from producer.config import Settings
     from sandboxes import open_backend
     from sandboxes.base import Limits, RunSpec
     from sandboxes.pool import PooledSandbox
+    from workers.config import Settings
 
     limits = Limits(timeout_s=10, memory_mb=128, pids=64)
     sandbox = open_backend(Settings(sandbox_backend=backend))  # type: ignore[arg-type]

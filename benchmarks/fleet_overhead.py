@@ -201,7 +201,7 @@ def main() -> None:
     from celery import Celery
 
     from producer.client import ActionClient
-    from producer.config import Settings
+    from workers.config import Settings
 
     home = tempfile.mkdtemp(prefix="af-bench-")
     policy = Path(home) / "policy.yaml"

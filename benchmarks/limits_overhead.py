@@ -211,7 +211,7 @@ def report(subjects: list[Subject]) -> dict[str, Any]:
 
 
 def _hammer(url: str, rate: float, seconds: float, out: Any) -> None:
-    from workers.limits import Rate, RateLimiter
+    from workers.guarantees.limits import Rate, RateLimiter
 
     limiter = RateLimiter(redis.Redis.from_url(url))
     bucket = [("af:rate:accuracy", Rate(per_second=rate, burst=1))]
@@ -240,7 +240,7 @@ def accuracy_fleet(url: str, policy: Path, actions: int = 100) -> float:
     from _common import celery_worker
 
     from producer.client import ActionClient
-    from producer.config import Settings
+    from workers.config import Settings
     from workers.executors.probe import read_log
 
     probe = Path(tempfile.mkdtemp())

@@ -25,7 +25,7 @@ def main() -> None:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from producer.models import PRIMITIVES, queue_for
-    from workers.metrics import UNACKED_KEY, start_metrics_server
+    from workers.ops.metrics import UNACKED_KEY, start_metrics_server
 
     def get(url: str) -> None:
         with urllib.request.urlopen(url, timeout=10) as resp:

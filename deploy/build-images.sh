@@ -35,7 +35,7 @@ WHEELS=deploy/wheels
 export DOCKER_BUILDKIT=0 # the classic builder: the only one this engine has
 
 # 1. The sandbox image (and the debootstrap base it shares with the fleet image) ----------
-SANDBOX_IMAGE=$("$PY" -m producer.cli sandbox build 2> >(sed 's/^/[build-images] /' >&2))
+SANDBOX_IMAGE=$("$PY" -m workers.ops.cli sandbox build 2> >(sed 's/^/[build-images] /' >&2))
 say "sandbox image: $SANDBOX_IMAGE"
 
 # 2. Wheels of every dependency, built on the host (containers cannot reach the index) ----

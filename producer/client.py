@@ -11,7 +11,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from producer.config import Settings, get_settings
+from producer.config import ProducerSettings, producer_settings
 from producer.errors import FleetUnavailable, InvalidAction, ResultTimeout, UnsupportedPrimitive
 from producer.models import Action, ActionResult, queue_for, task_name_for
 from producer.transport import celery_conf, kwargs_repr, redis_priority
@@ -100,10 +100,10 @@ class ActionClient:
         self,
         broker_url: str | None = None,
         *,
-        settings: Settings | None = None,
+        settings: ProducerSettings | None = None,
         primitives: Sequence[str] = SUPPORTED_PRIMITIVES,
     ) -> None:
-        self.settings = settings or get_settings()
+        self.settings = settings or producer_settings()
         url = broker_url or self.settings.resolved_broker_url()
         if not url:
             raise FleetUnavailable(

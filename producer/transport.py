@@ -10,7 +10,7 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
-from producer.config import Settings
+from producer.config import ProducerSettings
 
 __all__ = [
     "REDIS_PRIORITY_SEP",
@@ -60,7 +60,7 @@ def action_queues() -> list[Queue]:
     ]
 
 
-def celery_conf(settings: Settings, broker_url: str) -> dict[str, Any]:
+def celery_conf(settings: ProducerSettings, broker_url: str) -> dict[str, Any]:
     backend = settings.result_backend or broker_url
     return {
         "broker_url": broker_url,

@@ -2,7 +2,8 @@
 backend (the same containers without the engine on the path), the warm pool, the image.
 
 ``sandboxes.base`` is dependency-free; the backends import the ``docker`` SDK (the
-``worker`` extra), so they are loaded lazily on first attribute access.
+``worker`` extra), so they are loaded lazily on first attribute access. Imports ``producer``
+only (errors, and nothing of the worker side).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sandboxes.base import Limits, RunOutcome, RunSpec, Sandbox, Usage, WarmBackend
 
 if TYPE_CHECKING:
-    from producer.config import Settings
+    from sandboxes.config import SandboxSettings
 
 __all__ = [
     "DockerSandbox",
@@ -48,7 +49,7 @@ def __getattr__(name: str) -> Any:
     return getattr(import_module(module), name)
 
 
-def open_backend(settings: Settings) -> WarmBackend:
+def open_backend(settings: SandboxSettings) -> WarmBackend:
     """The backend the settings name (``sandbox_backend``), with its runtime."""
     if settings.sandbox_backend == "runc":
         from sandboxes.runc import RuncSandbox

@@ -47,7 +47,6 @@ import docker.errors
 import requests.exceptions
 from docker.types import LogConfig, Mount, Ulimit
 
-from producer.config import get_settings
 from producer.errors import SandboxError
 from sandboxes.base import (
     SANDBOX_UID,
@@ -58,6 +57,7 @@ from sandboxes.base import (
     Runtime,
     Warm,
 )
+from sandboxes.config import sandbox_settings
 from sandboxes.frames import (
     encode_request,
     fd_closed,
@@ -130,7 +130,7 @@ class DockerSandbox:
         *,
         kill_grace_s: float = 2.0,
     ) -> None:
-        self.runtime: Runtime = runtime or get_settings().sandbox_runtime
+        self.runtime: Runtime = runtime or sandbox_settings().sandbox_runtime
         self._owns_client = client is None
         try:
             self._client = client or docker.from_env(timeout=API_TIMEOUT_S)

@@ -30,8 +30,8 @@ from pathlib import Path
 import docker
 import docker.errors
 
-from producer.config import get_settings
 from producer.errors import SandboxError
+from sandboxes.config import sandbox_settings
 
 __all__ = [
     "BASE_IMAGE",
@@ -86,7 +86,7 @@ def image_version() -> str:
 
 def image_tag() -> str:
     """The sandbox image to run: the settings override, else the recipe's content tag."""
-    override = get_settings().sandbox_image
+    override = sandbox_settings().sandbox_image
     return override or f"{SANDBOX_REPO}:{image_version()}"
 
 
@@ -187,7 +187,7 @@ def build_base_image(
     started = time.monotonic()
     repo, tag = BASE_IMAGE.split(":")
     with _rootfs_dir() as root:
-        _debootstrap(root, get_settings().debian_mirror, progress)
+        _debootstrap(root, sandbox_settings().debian_mirror, progress)
         _trim_rootfs(root)
         progress(f"importing {root} as {BASE_IMAGE}")
         client.api.import_image_from_stream(_tar_stream(root), repository=repo, tag=tag)
@@ -266,7 +266,7 @@ def build_image(*, force: bool = False, progress: Progress | None = None) -> str
         if not _has_image(client, tag):
             raise SandboxError(f"docker build did not produce {tag}")
         say(f"{tag} built in {time.monotonic() - started:.1f}s")
-        if not get_settings().sandbox_image:
+        if not sandbox_settings().sandbox_image:
             _prune_old_versions(client, keep=tag, progress=say)
         return tag
     except docker.errors.DockerException as exc:

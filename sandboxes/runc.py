@@ -48,9 +48,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from producer.config import get_settings
 from producer.errors import SandboxError
 from sandboxes.base import Limits, RunOutcome, RunSpec, Runtime, Warm, WorkspaceMode
+from sandboxes.config import sandbox_settings
 from sandboxes.frames import encode_request, fd_closed, frame_outcome, killed_outcome, read_frame
 from sandboxes.reaper import (
     EXPIRY_SLACK_S,
@@ -108,7 +108,7 @@ class RuncSandbox:
                 "(or use ACTIONFLEET_SANDBOX_BACKEND=docker)"
             )
         self._image = image
-        self.directory = (directory or get_settings().sandbox_runc_dir).resolve()
+        self.directory = (directory or sandbox_settings().sandbox_runc_dir).resolve()
         # runc's state: after a reboot it names dead processes, which reap() deletes.
         self._runc = [runc, "--root", str(self.directory / "state")]
         self.kill_grace_s = kill_grace_s

@@ -24,12 +24,12 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from tests.conftest import TEST_POLICY
-from workers.egress import StaticResolver
 from workers.executors.api import ApiExecutor
 from workers.middleware import ActionContext, Middleware
+from workers.outbound.egress import StaticResolver
+from workers.outbound.secrets import ChainSecretStore, DirSecretStore, EnvSecretStore
 from workers.pipeline import Pipeline
 from workers.policy import PolicyEngine
-from workers.secrets import ChainSecretStore, DirSecretStore, EnvSecretStore
 
 SECRET = "ghs_TopSecretValue-0123456789abcdef"
 RESOLVER = StaticResolver(

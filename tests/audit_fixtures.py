@@ -152,7 +152,7 @@ def run_action(pipeline: Pipeline, raw: dict[str, Any], attempt: int = 1) -> dic
 
 @dataclass
 class IngesterProcess:
-    """``python -m audit.ingester`` as a real subprocess (killable with SIGKILL)."""
+    """``python -m audit.cli audit ingest`` as a real subprocess (killable with SIGKILL)."""
 
     proc: subprocess.Popen[bytes]
     log: Path
@@ -161,7 +161,8 @@ class IngesterProcess:
     def start(cls, redis_url: str, dsn: str, log: Path, *extra: str) -> IngesterProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ACTIONFLEET_")}
         env["PYTHONPATH"] = str(ROOT)
-        argv = [sys.executable, "-m", "audit.ingester", "--broker", redis_url, "--dsn", dsn, *extra]
+        argv = [sys.executable, "-m", "audit.cli", "audit", "ingest"]
+        argv += ["--broker", redis_url, "--dsn", dsn, *extra]
         out = log.open("ab")
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         out.close()

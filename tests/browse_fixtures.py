@@ -22,11 +22,11 @@ import pytest
 from producer.errors import ActionError
 from producer.models import BrowseAction, action_adapter
 from tests.services import require
-from workers.egress import Resolver, StaticResolver
 from workers.middleware import ActionContext
+from workers.outbound.egress import Resolver, StaticResolver
+from workers.outbound.secrets import build_secret_store
 from workers.policy import Grant, TenantPolicy
-from workers.secrets import build_secret_store
-from workers.workspace import Workspaces
+from workers.workspace.tenant import Workspaces
 
 CHROMIUM = Path(os.environ.get("ACTIONFLEET_BROWSER_EXECUTABLE", "/usr/bin/chromium"))
 LOCAL_EGRESS = {"allow_cidrs": ["127.0.0.0/8"], "any_port": True}

@@ -17,9 +17,9 @@ import pytest
 import redis
 
 from producer.client import ActionClient
-from producer.config import Settings
 from tests.services import require
-from workers.fleet import celery_worker_argv, free_port, redis_argv
+from workers.config import Settings
+from workers.ops.fleet import celery_worker_argv, free_port, redis_argv
 
 pytest_plugins = [
     "tests.fixtures_docker",
@@ -122,7 +122,7 @@ def cli_process(env: dict[str, str], *args: str, **kw: Any) -> subprocess.Popen[
     """``actionfleet <args>`` as an operator runs it (``worker`` execs into Celery, so the
     process is the worker's main process); output on a pipe unless ``stdout`` is given."""
     return subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", *args],
+        [sys.executable, "-m", "workers.ops.cli", *args],
         env=env,
         cwd=ROOT,
         stdout=kw.pop("stdout", subprocess.PIPE),

@@ -33,14 +33,14 @@ from celery import Celery, Task, signals
 from celery.app import trace as celery_trace
 from celery.exceptions import Reject, Retry
 
-from producer.config import get_settings
 from producer.models import PRIMITIVES, queue_for, task_name_for
 from producer.transport import celery_conf, kwargs_repr
-from workers import affinity
-from workers.backend import FleetRedisBackend, run_riders, take_riders
-from workers.broker import install_transport
+from workers.celery.backend import FleetRedisBackend, run_riders, take_riders
+from workers.celery.broker import install_transport
+from workers.config import get_settings
 from workers.executors import ExecutorRegistry
 from workers.middleware import ActionContext, LogMiddleware
+from workers.ops import affinity
 from workers.pipeline import Pipeline
 from workers.policy import PolicyEngine
 from workers.reliability import Reliability, RetryState
@@ -54,9 +54,9 @@ DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 app = Celery("actionfleet")
 app.conf.update(celery_conf(settings, settings.resolved_broker_url() or DEFAULT_BROKER))
 if urlsplit(app.conf.result_backend).scheme in ("redis", "rediss"):
-    # One round trip stores the result and the pipeline's settle writes (workers/backend.py).
+    # One round trip stores the result and the pipeline's settle writes (workers/celery/backend.py).
     app.backend_cls = FleetRedisBackend
-# A fetch that records the message as unacked in the same step (workers/broker.py).
+# A fetch that records the message as unacked in the same step (workers/celery/broker.py).
 install_transport()
 app.conf.update(
     task_acks_late=True,

@@ -14,16 +14,30 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from producer.models import Action, ActionResult
 
-if TYPE_CHECKING:
-    from workers.reliability import Reschedule
-
-__all__ = ["ActionContext", "LifecycleEvent", "LogMiddleware", "Middleware", "Stage"]
+__all__ = [
+    "ActionContext",
+    "LifecycleEvent",
+    "LogMiddleware",
+    "Middleware",
+    "Reschedule",
+    "Stage",
+]
 
 Stage = Literal["received", "policy", "started", "finished", "retried", "dead_lettered"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reschedule:
+    """Re-queue the same message after ``countdown_s`` with ``state`` (set by
+    ``workers.reliability``; the Celery task does the re-queue)."""
+
+    countdown_s: float
+    reason: str
+    state: dict[str, Any]
 
 
 @dataclass(slots=True)

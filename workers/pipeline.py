@@ -28,9 +28,9 @@ from producer.errors import (
 from producer.models import ActionResult
 from producer.validation import parse_action
 from workers.executors import ExecutorRegistry
-from workers.middleware import ActionContext, LifecycleEvent, Middleware, Stage
+from workers.middleware import ActionContext, LifecycleEvent, Middleware, Reschedule, Stage
 from workers.policy import PolicyEngine
-from workers.reliability import Deferred, Duplicate, Reliability, Reschedule
+from workers.reliability import Deferred, Duplicate, Reliability
 
 __all__ = ["Pipeline"]
 

@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from producer.errors import PolicyDenied
 from producer.models import PRIMITIVES, Action, BrowseAction, CodeAction, Primitive
 from sandboxes.base import Limits
-from workers.egress import EgressPolicy
-from workers.limits import LimitsPolicy
-from workers.retries import RetryPolicy
+from workers.guarantees.limits import LimitsPolicy
+from workers.guarantees.retries import RetryPolicy
+from workers.outbound.egress import EgressPolicy
 
 __all__ = [
     "BrowseLimits",

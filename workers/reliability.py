@@ -3,7 +3,7 @@
 The pipeline calls it at two points (see ``workers.pipeline``):
 
 ``admit`` (after policy, right before the executor), in one round trip -- the ADMIT
-script of ``workers.admission``, which writes nothing unless every step passes (but the
+script of ``workers.guarantees.admission``, which writes nothing unless every step passes (but the
 slot a rate deferral books) -- in this order:
   1. idempotency claim  -- a completed duplicate returns its stored result (``Duplicate``);
                            a duplicate still running elsewhere defers this delivery.
@@ -39,14 +39,14 @@ from typing import Any
 import orjson
 import redis
 
-from producer.config import Settings
 from producer.errors import DeadlinePassed, QuotaExceeded, RateLimited
 from producer.models import Action, ActionResult
-from workers.admission import SETTLE, ClaimOp, Scripts, settle_args
-from workers.deadletter import DeadLetterStore
-from workers.idempotency import IdempotencyStore
-from workers.leasekeeper import LeaseKeeper
-from workers.limits import (
+from workers.config import Settings
+from workers.guarantees.admission import SETTLE, ClaimOp, Scripts, settle_args
+from workers.guarantees.deadletter import DeadLetterStore
+from workers.guarantees.idempotency import IdempotencyStore
+from workers.guarantees.leasekeeper import LeaseKeeper
+from workers.guarantees.limits import (
     ConcurrencyLimiter,
     Lease,
     QuotaCounter,
@@ -55,9 +55,9 @@ from workers.limits import (
     gcra_buckets,
     rate_keys,
 )
-from workers.middleware import ActionContext
+from workers.guarantees.retries import backoff_s
+from workers.middleware import ActionContext, Reschedule
 from workers.policy import Grant
-from workers.retries import backoff_s
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,6 @@ class RetryState:
             "quota_counted": self.quota_counted,
             "rate_booked": self.rate_booked,
         }
-
-
-@dataclass(frozen=True, slots=True)
-class Reschedule:
-    """Re-queue the same message after ``countdown_s`` with ``state``."""
-
-    countdown_s: float
-    reason: str
-    state: dict[str, Any]
 
 
 class Deferred(Exception):  # a control signal, not an error
@@ -172,7 +163,7 @@ class Reliability:
         self.keeper = LeaseKeeper(lease_s / 3)
         self.max_defer_s = max_defer_s
         # True when the Celery task stores results on this same Redis with
-        # workers.backend.FleetRedisBackend: the settle write then rides in the result's
+        # workers.celery.backend.FleetRedisBackend: the settle write then rides in the result's
         # own transaction instead of costing a round trip (set by workers.app).
         self.defer_settle = False
 
@@ -199,7 +190,7 @@ class Reliability:
         """Hold everything the action needs, or raise ``Duplicate``, ``Deferred`` or an
         ``ActionError`` (rate_limited, quota_exceeded, expired).
 
-        One round trip: the ADMIT script (workers/admission.py) checks every section and
+        One round trip: the ADMIT script (workers/guarantees/admission.py) checks every section and
         writes only when all pass, so a refused action holds nothing afterwards."""
         state = state_of(ctx)
         limits = grant.tenant.limits
@@ -292,7 +283,7 @@ class Reliability:
         claim = (op, held.idem_key, held.owner, payload, retention_s)
         lease_op = None if lease is None else ("x", lease.key, lease.lease_id, 0)
         if self.defer_settle:
-            from workers.backend import Rider, ride_with_result
+            from workers.celery.backend import Rider, ride_with_result
 
             keys, args = settle_args(claim=claim, lease=lease_op)  # type: ignore[arg-type]
             ride_with_result(Rider(SETTLE, tuple(keys), tuple(args)))
@@ -313,7 +304,7 @@ class Reliability:
         state = state_of(ctx)
         state.deferrals += 1
         if exc.reason == "rate limit":  # exported as actionfleet_rate_limit_deferrals_total
-            from workers.metrics import record_rate_limit_deferral
+            from workers.ops.metrics import record_rate_limit_deferral
 
             try:
                 record_rate_limit_deferral(self.client, ctx.primitive)

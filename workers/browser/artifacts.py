@@ -1,7 +1,7 @@
 """Action artifacts (screenshots) in the tenant's workspace, returned by reference.
 
 Layout: ``<workspace_root>/<tenant>/.artifacts/<action_id>/<name>``. The write goes
-through ``workers.workspace`` (symlink-proof descriptor walk, atomic replace, the
+through ``workers.workspace.tenant`` (symlink-proof descriptor walk, atomic replace, the
 tenant's files quota), so an artifact is an ordinary workspace file: the files primitive
 reads it at the returned ``path``, and it counts against the tenant's quota.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from workers.policy import FilesLimits
-from workers.workspace import Quota, Workspaces
+from workers.workspace.tenant import Quota, Workspaces
 
 __all__ = ["save_artifact"]
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from producer.errors import NetworkBlocked
-from workers.egress import EgressGuard, Target
+from workers.outbound.egress import EgressGuard, Target
 
 __all__ = ["ProxySession", "RequestRecord"]
 

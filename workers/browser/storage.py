@@ -1,8 +1,8 @@
 """Logged-in sessions: a Playwright storage state kept as a secret, loaded into the fresh
 context of one action and never returned or audited.
 
-The secret (``workers.secrets``: a file in ``secrets_dir`` or an environment variable) holds
-the JSON that Playwright's ``context.storage_state()`` writes: ``{"cookies": [...],
+The secret (``workers.outbound.secrets``: a file in ``secrets_dir`` or an environment
+variable) holds the JSON that Playwright's ``context.storage_state()`` writes: ``{"cookies": [...],
 "origins": [{"origin": ..., "localStorage": [...]}]}``. As every secret, it is bound to hosts
 (``<name>.meta.json`` ``{"hosts": [...]}``): the action's URL must be one of them, and only
 cookies and origins of those hosts are loaded, so a session meant for one site is never
@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from producer.errors import PolicyDenied, ValidationError_
-from workers.secrets import ChainSecretStore, Secret
+from workers.outbound.secrets import ChainSecretStore, Secret
 
 __all__ = ["load_storage_state"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from producer.config import Settings
+from workers.config import Settings
 from workers.executors.base import Executor
 
 __all__ = ["EXECUTOR_FACTORIES", "Executor", "ExecutorRegistry"]
@@ -23,7 +23,7 @@ def _code(settings: Settings) -> Executor:
     from sandboxes import open_backend
     from sandboxes.base import Limits
     from workers.executors.code import CodeExecutor
-    from workers.workspace import Workspaces
+    from workers.workspace.tenant import Workspaces
 
     workspaces = Workspaces(settings.resolved_workspace_root())
     sandbox = open_backend(settings)
@@ -53,23 +53,23 @@ def _code(settings: Settings) -> Executor:
 
 def _files(settings: Settings) -> Executor:
     from workers.executors.files import FilesExecutor
-    from workers.workspace import Workspaces
+    from workers.workspace.tenant import Workspaces
 
     return FilesExecutor(Workspaces(settings.resolved_workspace_root()))
 
 
 def _api(settings: Settings) -> Executor:
     from workers.executors.api import ApiExecutor
-    from workers.secrets import build_secret_store
+    from workers.outbound.secrets import build_secret_store
 
     return ApiExecutor(build_secret_store(settings.secrets_dir))
 
 
 def _email(settings: Settings) -> Executor:
     from workers.executors.email import EmailExecutor, RelayConfig
-    from workers.outbox import Outbox
-    from workers.secrets import build_secret_store
-    from workers.workspace import Workspaces
+    from workers.guarantees.outbox import Outbox
+    from workers.outbound.secrets import build_secret_store
+    from workers.workspace.tenant import Workspaces
 
     # The outbox lives on the broker: every worker of the fleet already shares it.
     broker = settings.resolved_broker_url() or "redis://127.0.0.1:6379/0"
@@ -83,8 +83,8 @@ def _email(settings: Settings) -> Executor:
 
 def _browse(settings: Settings) -> Executor:
     from workers.executors.browse import BrowseExecutor
-    from workers.secrets import build_secret_store
-    from workers.workspace import Workspaces
+    from workers.outbound.secrets import build_secret_store
+    from workers.workspace.tenant import Workspaces
 
     return BrowseExecutor(
         executable=settings.browser_executable,

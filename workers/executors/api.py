@@ -30,7 +30,6 @@ from producer.errors import (
     ValidationError_,
 )
 from producer.models import Action, ApiAction, ApiPayload
-from workers.egress import EgressGuard, Resolver
 from workers.executors.api_http import (
     CREDENTIAL_HEADERS,
     IDEMPOTENCY_HEADER,
@@ -45,10 +44,11 @@ from workers.executors.api_http import (
     retry_after_s,
     scrubbed_error,
 )
-from workers.http import ACCEPT_ENCODING, Body, GuardedTransport, read_capped
 from workers.middleware import ActionContext
+from workers.outbound.egress import EgressGuard, Resolver
+from workers.outbound.http import ACCEPT_ENCODING, Body, GuardedTransport, read_capped
+from workers.outbound.secrets import ChainSecretStore, Secret
 from workers.policy import ApiPolicy, Grant
-from workers.secrets import ChainSecretStore, Secret
 
 # idempotency_header_value is re-exported: callers and tests import it from here.
 __all__ = ["ApiExecutor", "idempotency_header_value"]

@@ -19,7 +19,7 @@ import httpx
 
 from audit.redact import Scrubber
 from producer.errors import ActionError, ValidationError_
-from workers.secrets import Secret
+from workers.outbound.secrets import Secret
 
 RESPONSE_HEADERS = (
     "content-type",

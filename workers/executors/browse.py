@@ -43,11 +43,11 @@ from workers.browser.manager import BrowserManager, LaunchOptions
 from workers.browser.proxy import ProxySession
 from workers.browser.steps import PageRun, check_steps, page_crashed
 from workers.browser.storage import load_storage_state
-from workers.egress import EgressGuard, EgressPolicy, Resolver
 from workers.middleware import ActionContext
+from workers.outbound.egress import EgressGuard, EgressPolicy, Resolver
+from workers.outbound.secrets import ChainSecretStore
 from workers.policy import BrowseLimits, Grant
-from workers.secrets import ChainSecretStore
-from workers.workspace import Workspaces
+from workers.workspace.tenant import Workspaces
 
 __all__ = ["BrowseExecutor"]
 

@@ -9,7 +9,7 @@ from producer.models import Action, CodeAction
 from sandboxes.base import RunOutcome, RunSpec, Sandbox
 from workers.middleware import ActionContext
 from workers.policy import Grant
-from workers.workspace import Workspaces
+from workers.workspace.tenant import Workspaces
 
 __all__ = ["CodeExecutor"]
 

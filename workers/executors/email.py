@@ -2,7 +2,7 @@
 
 For one action: addresses and headers validated (CR/LF refused) -> recipients checked
 against the tenant's ``email`` policy (fails closed; one recipient outside it refuses the
-whole message) -> attachments read through ``workers/workspace.py`` (no absolute paths,
+whole message) -> attachments read through ``workers/workspace/tenant.py`` (no absolute paths,
 no ``..``, no symlinks) -> message rendered with a Message-ID derived from the idempotency
 key -> dry run returns the rendering; otherwise the outbox is claimed, the relay (checked
 by the egress guard's address rules, connected to the pinned address) gets the message,
@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from audit.redact import Scrubber
-from producer.config import Settings
 from producer.errors import (
     ActionError,
     Conflict,
@@ -40,12 +39,13 @@ from producer.errors import (
     ValidationError_,
 )
 from producer.models import Action, EmailAction, EmailPayload
-from workers.egress import EgressGuard, EgressPolicy, Target
+from workers.config import Settings
+from workers.guarantees.outbox import Outbox
 from workers.middleware import ActionContext
-from workers.outbox import Outbox
+from workers.outbound.egress import EgressGuard, EgressPolicy, Target
+from workers.outbound.secrets import ChainSecretStore
 from workers.policy import EmailPolicy, Grant
-from workers.secrets import ChainSecretStore
-from workers.workspace import Workspaces
+from workers.workspace.tenant import Workspaces
 
 __all__ = ["EmailExecutor", "RelayConfig", "message_id_for", "recipient_allowed"]
 

@@ -1,5 +1,5 @@
 """The ``files`` primitive: read, write, list, stat, delete, mkdir and move in the tenant's
-workspace. Path safety, atomic writes and quotas live in ``workers.workspace``; this module
+workspace. Path safety, atomic writes and quotas live in ``workers.workspace.tenant``; this module
 maps payloads to those calls and shapes the output. No Docker and no heavy imports: a
 ``stat`` is a handful of syscalls (it is the fleet's "trivial action")."""
 
@@ -13,7 +13,7 @@ from producer.errors import ValidationError_
 from producer.models import Action, FilesAction
 from workers.middleware import ActionContext
 from workers.policy import FilesLimits, Grant
-from workers.workspace import Quota, Workspaces
+from workers.workspace.tenant import Quota, Workspaces
 
 __all__ = ["FilesExecutor"]
 

@@ -1,0 +1,3 @@
+"""Celery and kombu integration: the Redis transport whose fetch cannot lose a message, the
+result backend that stores a result and the settle writes in one round trip, and the
+pinned-connection Lua call both use. Imports ``producer`` only."""
