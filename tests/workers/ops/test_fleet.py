@@ -209,7 +209,8 @@ def test_infinite_loop_times_out_and_its_container_is_gone(
     result = handle.result(timeout=60)
     assert result.status == "timed_out"
     assert result.error is not None and result.error.type == "timeout"
-    assert result.duration_ms <= (timeout + 2) * 1000, result.duration_ms
+    # A hang would run on; the slack only absorbs a slow container start (not a timing).
+    assert result.duration_ms <= (timeout + 10) * 1000, result.duration_ms
     assert result.output is not None and result.output["stdout"] == "start\n"
     assert _containers_of(docker_client, handle.action_id) == []
 
