@@ -6,7 +6,8 @@
     policy.py       per-tenant policy: primitives, ceilings, egress rules
     reliability.py  the pipeline's guard: limits, idempotency, retries, dead letters
     config.py       every ACTIONFLEET_* knob, typed
-    celery/         Celery/kombu integration: broker transport, result backend, Lua calls
+    celery/         Celery/kombu integration: broker transport, result backend, Lua
+                    calls, CPU pinning
     guarantees/     delivery guarantees' building blocks: limits, idempotency, leases,
                     retries, dead letters, the email outbox
     outbound/       traffic leaving the fleet: egress guard, guarded HTTP, secrets

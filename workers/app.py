@@ -35,12 +35,12 @@ from celery.exceptions import Reject, Retry
 
 from producer.models import PRIMITIVES, queue_for, task_name_for
 from producer.transport import celery_conf, kwargs_repr
+from workers.celery import affinity
 from workers.celery.backend import FleetRedisBackend, run_riders, take_riders
 from workers.celery.broker import install_transport
 from workers.config import get_settings
 from workers.executors import ExecutorRegistry
 from workers.middleware import ActionContext, LogMiddleware
-from workers.ops import affinity
 from workers.pipeline import Pipeline
 from workers.policy import PolicyEngine
 from workers.reliability import Reliability, RetryState

@@ -84,7 +84,7 @@ class Settings(AuditEnvSettings, SandboxSettings):
         if value is None or not value.strip():
             return None  # `VAR: ${X:-}` in compose: set but empty means not pinned
         # The worker's own parser: the setting refuses exactly what the worker would.
-        from workers.affinity import CpuSpecError, parse_cpus
+        from workers.celery.affinity import CpuSpecError, parse_cpus
 
         try:
             parse_cpus(value)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sandboxes.docker import DockerSandbox
-from tests import test_sandbox
+from tests.sandboxes import test_sandbox
 from tests.sandboxes.test_sandbox import run
 
 sandbox = test_sandbox.sandbox  # the fixture: each test under runc and gVisor

@@ -1,3 +1,4 @@
 """The browse primitive's parts: the browser manager (one Chromium per worker process,
 a fresh context per action), the per-action egress proxy, steps, extractors, artifacts
-and logged-in sessions. ``workers.executors.browse`` puts them together."""
+and logged-in sessions. ``workers.executors.browse`` puts them together. May import
+``producer``, ``workers.outbound``, ``workers.policy`` and ``workers.workspace``."""

@@ -1,7 +1,10 @@
 """Executor registry: primitive name -> a factory building that primitive's executor.
 
 Executors are built lazily, once per worker process (after the fork: a Docker client or a
-browser must not be shared across processes).
+browser must not be shared across processes). One module per primitive, each with one
+executor behind ``base.Executor``. May import ``producer``, ``sandboxes``, ``audit.redact``
+and the worker packages below it (``browser``, ``policy``, ``guarantees``, ``outbound``,
+``workspace``, ``middleware``, ``config``); never ``pipeline``, ``app`` or ``ops``.
 """
 
 from __future__ import annotations

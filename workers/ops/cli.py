@@ -107,7 +107,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             " only between actions; prefork suits them better (docs/operations.md)"
         )
     if args.cpus is not None:
-        from workers.ops.affinity import CpuSpecError, checked
+        from workers.celery.affinity import CpuSpecError, checked
 
         try:
             checked(args.cpus)

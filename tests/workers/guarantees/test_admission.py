@@ -44,7 +44,7 @@ tenants:
       quota: {monthly: 3, primitives: {code: 100}}
   slow:
     limits:
-      rate: {code: {per_second: 0.5, burst: 1}}
+      rate: {code: {per_second: 0.01, burst: 1}}
       concurrency: {code: 1}
       quota: {monthly: 100}
 """
@@ -217,20 +217,21 @@ def test_a_rate_deferral_books_its_slot_and_nothing_else(guard: _Guard) -> None:
     token = guard.rate("slow")
     assert token is not None
 
-    # Over 0.5/s: fail fast takes nothing ...
+    # Over 0.01/s (one per 100 s, so no delay of the machine's reaches the next slot):
+    # fail fast takes nothing ...
     fast, action2, grant2 = guard.ctx("slow", on_limit="fail")
     with pytest.raises(RateLimited) as limited:
         guard.admit(fast, action2, grant2)
-    assert 1.0 < limited.value.to_info()["details"]["retry_after_s"] <= 2.0
+    assert 90.0 < limited.value.to_info()["details"]["retry_after_s"] <= 100.0
     assert guard.rate("slow") == token and guard.claim(action2) is None
 
-    # ... a deferral books the next slot (one interval, 2 s, further) and holds nothing.
+    # ... a deferral books the next slot (one interval, 100 s, further), holds nothing.
     later, action3, grant3 = guard.ctx("slow")
     with pytest.raises(Deferred) as deferred:
         guard.admit(later, action3, grant3)
-    assert deferred.value.reason == "rate limit" and 1.0 < deferred.value.wait_s <= 2.0
+    assert deferred.value.reason == "rate limit" and 90.0 < deferred.value.wait_s <= 100.0
     booked = guard.rate("slow")
-    assert booked == token + 2_000_000
+    assert booked == token + 100_000_000
     assert state_of(later).rate_booked and not state_of(later).quota_counted
     assert guard.claim(action3) is None and guard.leases("slow") == []
     assert guard.quota("slow") == 1

@@ -22,8 +22,8 @@ from tests.conftest import (
     wait_for_worker,
     worker_env,
 )
+from workers.celery.affinity import CpuSpecError, checked, parse_cpus, pin_pool_process, pool_cpus
 from workers.config import Settings
-from workers.ops.affinity import CpuSpecError, checked, parse_cpus, pin_pool_process, pool_cpus
 
 DB = 9  # this module's own Redis database
 CPUS = sorted(os.sched_getaffinity(0))

@@ -348,7 +348,10 @@ def test_concurrent_writers_cannot_together_exceed_the_quota(root: Path) -> None
     lets exactly three through."""
     Workspaces(root).tenant_dir("acme")
     q = Quota(max_file_bytes=1000, max_total_bytes=1000, max_entries=100)
-    ctx = multiprocessing.get_context("fork")
+    # Spawned, not forked: a fork of the test process copies whatever lock one of its
+    # threads (left by earlier tests in this process) held at that instant, and a
+    # child that needs it then hangs; it happened once the suite ran in another order.
+    ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(8), ctx.Queue()
     procs = [
         ctx.Process(target=_writer, args=(str(root), f"f{i}", 300, q, barrier, results))
