@@ -127,6 +127,7 @@ def snapshot(event: Any) -> EventSnapshot:
             "idempotency_key": action.idempotency_key or action.action_id,
             "tenant_id": action.tenant_id,
             "agent_id": action.agent_id,
+            "key_id": action.auth.key_id if action.auth is not None else "",
             "user_id": action.user_id or "",
             "labels": dict(action.labels),
         }
@@ -137,6 +138,9 @@ def snapshot(event: Any) -> EventSnapshot:
             for k in ("action_id", "idempotency_key", "tenant_id", "agent_id", "user_id")
         }
         ident["action_id"] = ctx.action_id or ident["action_id"]
+        proof = raw.get("auth")
+        key_id = proof.get("key_id") if isinstance(proof, dict) else None
+        ident["key_id"] = key_id[:64] if isinstance(key_id, str) else ""
         ident["labels"] = {}
     if action is None or cached is None:
         ident |= {

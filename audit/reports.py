@@ -68,7 +68,7 @@ def trace(source: Any, action_id: str) -> list[dict[str, Any]]:
     return _rows(
         source,
         f"""SELECT event_time, stage, status, attempt, event_id, action_id, tenant_id, agent_id,
-                  user_id, primitive, operation, queue, worker_host, sandbox_id, trace_id,
+                  key_id, user_id, primitive, operation, queue, worker_host, sandbox_id, trace_id,
                   duration_ms, policy_decision, policy_reason, error_type, error_message,
                   retryable, input_preview, input_sha256, input_bytes, output_preview,
                   output_sha256, output_bytes, cpu_time_ms, peak_memory_bytes, bytes_in,

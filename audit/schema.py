@@ -38,6 +38,7 @@ EVENT_COLUMNS: dict[str, type] = {
     "attempt": int,
     "tenant_id": str,
     "agent_id": str,
+    "key_id": str,  # the producer key the action claimed (verified unless refused)
     "user_id": str,
     "primitive": str,
     "operation": str,
@@ -170,7 +171,9 @@ TTL toDateTime(finished_at) + INTERVAL {{retention_days}} DAY
 SETTINGS {_DEDUP}, ttl_only_drop_parts = 1
 """
 
-_RESULT_COLUMNS = [c.strip().split()[0] for c in _COMMON.strip().split(",\n")]
+_RESULT_COLUMNS_V1 = [c.strip().split()[0] for c in _COMMON.strip().split(",\n")]
+# Columns added by later migrations, at the end of the results view's SELECT.
+_RESULT_COLUMNS = [*_RESULT_COLUMNS_V1, "key_id"]
 
 # The row of ``action_results`` built from a ``finished`` row of ``audit_events``: used by
 # the materialized view, and by the ingester to repair a results row an ingester killed
@@ -186,8 +189,19 @@ WHERE stage = 'finished' AND policy_decision != 'duplicate'"""
 
 _RESULTS_MV_V1 = f"""
 CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.action_results_mv TO {DATABASE}.action_results
-AS {RESULTS_SELECT}
+AS {RESULTS_SELECT.replace(", key_id", "")}
 """
+
+# v2: the producer key of each action (authenticated producers, docs/security.md). The
+# view is made again with the column; the ingester runs this before it inserts anything.
+_KEY_ID = f"key_id {_LC} DEFAULT '' AFTER agent_id"
+_V2 = (
+    f"ALTER TABLE {DATABASE}.audit_events ADD COLUMN IF NOT EXISTS {_KEY_ID}",
+    f"ALTER TABLE {DATABASE}.action_results ADD COLUMN IF NOT EXISTS {_KEY_ID}",
+    f"DROP VIEW IF EXISTS {DATABASE}.action_results_mv",
+    f"""CREATE MATERIALIZED VIEW {DATABASE}.action_results_mv TO {DATABASE}.action_results
+AS {RESULTS_SELECT}""",
+)
 
 
 @dataclass(frozen=True)
@@ -201,6 +215,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1, "audit_events, action_results, results view", (_EVENTS_V1, _RESULTS_V1, _RESULTS_MV_V1)
     ),
+    Migration(2, "key_id: the producer key of each action", _V2),
 )
 
 MIGRATIONS_TABLE = f"""

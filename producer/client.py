@@ -1,4 +1,9 @@
-"""``ActionClient``: what an agent uses to send actions and wait for their results."""
+"""``ActionClient``: what an agent uses to send actions and wait for their results.
+
+With a producer key (``key=`` or ``ACTIONFLEET_KEY``) every action is signed before it is
+sent (``producer.auth``); with ``ACTIONFLEET_BROKER_AUTH=key`` the client also logs in to
+Redis as the key's ACL user, which may publish actions and read its tenant's results only.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from producer.config import ProducerSettings, producer_settings
+from producer.auth import ProducerKey
+from producer.config import ProducerSettings, producer_settings, with_credentials
 from producer.errors import FleetUnavailable, InvalidAction, ResultTimeout, UnsupportedPrimitive
 from producer.models import Action, ActionResult, queue_for, task_name_for
 from producer.transport import celery_conf, kwargs_repr, redis_priority
@@ -102,6 +108,7 @@ class ActionClient:
         *,
         settings: ProducerSettings | None = None,
         primitives: Sequence[str] = SUPPORTED_PRIMITIVES,
+        key: str | ProducerKey | None = None,
     ) -> None:
         self.settings = settings or producer_settings()
         url = broker_url or self.settings.resolved_broker_url()
@@ -110,10 +117,32 @@ class ActionClient:
                 "no broker configured: set ACTIONFLEET_BROKER_URL or start a fleet with "
                 f"`actionfleet up` (looked for {self.settings.fleet_file()})"
             )
+        if key is None:
+            key = self.settings.resolved_key()
+        try:
+            self.key = ProducerKey.parse(key) if isinstance(key, str) else key
+        except ValueError as exc:
+            raise InvalidAction(
+                [
+                    {
+                        "field": "key",
+                        "reason": str(exc),
+                        "fix": "use the key printed once by "
+                        "`actionfleet keys create` (or `keys rotate`)",
+                    }
+                ]
+            ) from None
+        backend = self.settings.result_backend
+        if self.key is not None and self.settings.resolved_broker_auth() == "key":
+            user, password = self.key.redis_credentials()
+            url = with_credentials(url, user, password)
+            backend = with_credentials(backend, user, password) if backend else None
         self.broker_url = url
         self.primitives = tuple(primitives)
         self._app = Celery("actionfleet-client", set_as_current=False)
-        self._app.conf.update(celery_conf(self.settings, url))
+        self._app.conf.update(
+            celery_conf(self.settings.model_copy(update={"result_backend": backend}), url)
+        )
 
     # -- validation -------------------------------------------------------------------
 
@@ -123,11 +152,17 @@ class ActionClient:
     # -- sending ----------------------------------------------------------------------
 
     def _send(self, action: Action) -> ActionHandle:
+        message = action.model_dump(mode="json", by_alias=True)
+        if self.key is not None:
+            message = self.key.sign(message)
         try:
             async_result = self._app.send_task(
                 task_name_for(action.primitive),
-                kwargs={"message": action.model_dump(mode="json", by_alias=True)},
+                kwargs={"message": message},
                 queue=queue_for(action.primitive),
+                # No queue declaration from the producer: workers declare their queues,
+                # and a producer's Redis user may only push to them (docs/security.md).
+                declare=[],
                 task_id=action.action_id,
                 priority=redis_priority(action.priority),
                 argsrepr="()",

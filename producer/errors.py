@@ -9,6 +9,7 @@
     ├── FleetUnavailable               no broker / fleet answers
     └── ActionError                    an action ended without success; maps 1:1 to a result
         ├── PermanentError             retrying the same action will fail the same way
+        │   ├── Unauthenticated        unauthenticated    -> status "denied"
         │   ├── PolicyDenied           policy_denied      -> status "denied"
         │   ├── QuotaExceeded          quota_exceeded     -> status "denied"
         │   ├── NetworkBlocked         network_blocked    -> status "denied"
@@ -45,6 +46,7 @@ ErrorType = Literal[
     "conflict",
     "sandbox_error",
     "internal_error",
+    "unauthenticated",
 ]
 
 Status = Literal["succeeded", "failed", "denied", "timed_out", "expired", "invalid"]
@@ -71,6 +73,7 @@ __all__ = [
     "RetryableError",
     "SandboxError",
     "Status",
+    "Unauthenticated",
     "UnsupportedPrimitive",
     "UpstreamError",
     "ValidationError_",
@@ -159,6 +162,14 @@ class PermanentError(ActionError):
 
 class RetryableError(ActionError):
     retryable = True
+
+
+class Unauthenticated(PermanentError):
+    """No key, a bad signature, an unknown, revoked or expired key, a replayed nonce, or a
+    timestamp outside the allowed clock skew: the action was never run."""
+
+    type = "unauthenticated"
+    status = "denied"
 
 
 class PolicyDenied(PermanentError):

@@ -32,6 +32,7 @@ __all__ = [
     "ApiAction",
     "ApiAuth",
     "ApiPayload",
+    "AuthProof",
     "BrowseAction",
     "BrowsePayload",
     "BrowseStep",
@@ -193,6 +194,16 @@ class ApiPayload(_Strict):
 # --------------------------------------------------------------------------- envelope
 
 
+class AuthProof(_Strict):
+    """Who sent the action: added by ``ActionClient`` from its producer key
+    (``producer.auth``), checked by the worker before anything runs. Agents never write it."""
+
+    key_id: Annotated[str, StringConstraints(pattern=r"^k[0-9a-f]{16}$")]
+    ts: int = Field(ge=0, le=2**53, description="signing time, ms since the epoch")
+    nonce: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{16,64}$")]
+    sig: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{86}$")]
+
+
 class _Envelope(_Strict):
     tenant_id: Ident
     agent_id: Ident
@@ -206,6 +217,9 @@ class _Envelope(_Strict):
         "defer",
         description="over a rate or concurrency limit: wait for a slot (defer) or end "
         "at once as rate_limited with the wait in error.details (fail)",
+    )
+    auth: AuthProof | None = Field(
+        None, description="signature of a producer key; set by ActionClient, not by hand"
     )
 
     @field_validator("action_id")

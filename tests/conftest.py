@@ -112,6 +112,9 @@ def worker_env(broker_url: str, home: Path, **extra: str) -> dict[str, str]:
         "ACTIONFLEET_BROKER_URL": broker_url,
         "ACTIONFLEET_HOME": str(home),
         "ACTIONFLEET_POLICY": str(TEST_POLICY),
+        # Tests of a primitive run unsigned actions; the authentication tests (and the
+        # `up` tests, which keep its default) require signatures (tests/workers/auth).
+        "ACTIONFLEET_AUTH": "off",
         "PYTHONPATH": str(ROOT),
     }
     env |= {f"ACTIONFLEET_{k.upper()}": v for k, v in extra.items()}

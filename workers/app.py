@@ -35,6 +35,7 @@ from celery.exceptions import Reject, Retry
 
 from producer.models import PRIMITIVES, queue_for, task_name_for
 from producer.transport import celery_conf, kwargs_repr
+from workers.auth.verify import Authenticator
 from workers.celery import affinity
 from workers.celery.backend import FleetRedisBackend, run_riders, take_riders
 from workers.celery.broker import install_transport
@@ -128,8 +129,15 @@ def get_pipeline() -> Pipeline:
                 isinstance(app.backend, FleetRedisBackend)
                 and (settings.limits_redis_url or broker) == app.conf.result_backend
             )
+            auth = Authenticator(
+                reliability.client,
+                required=settings.auth == "required",
+                skew_s=settings.auth_skew_s,
+                nonce_ttl_s=settings.idempotency_retention_s,
+                cache_s=settings.auth_cache_s,
+            )
             _pipeline = Pipeline(
-                policy, ExecutorRegistry(settings), [LogMiddleware(), audit], reliability
+                policy, ExecutorRegistry(settings), [LogMiddleware(), audit], reliability, auth
             )
         return _pipeline
 
@@ -263,6 +271,12 @@ def _on_init(sender: Any = None, instance: Any = None, options: Any = None, **_:
 
 @signals.worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
+    if settings.auth == "off":
+        log.warning(
+            "ACTIONFLEET_AUTH=off: actions are not authenticated; anyone who can reach the "
+            "broker may act as any tenant. Use it on a single-user machine only "
+            "(docs/security.md)"
+        )
     # Fail loudly on a policy file that does not load, instead of on the first action.
     policy = PolicyEngine(settings.policy).current()
     tenants = [policy.default] + [policy.for_tenant(t) for t in policy.tenants]

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from audit.config import AuditEnvSettings
 from sandboxes.config import SandboxSettings
@@ -39,6 +39,17 @@ class Settings(AuditEnvSettings, SandboxSettings):
     task_events: bool = Field(False, description="always send Celery task events")
     flower_password: SecretStr | None = Field(
         None, description="Flower basic-auth password; generated and printed when unset"
+    )
+
+    # Producer identity (docs/security.md); `auth` and `key` come from the producer's.
+    auth_skew_s: float = Field(
+        300.0, gt=0, le=3_600, description="allowed clock difference of a signed action"
+    )
+    auth_cache_s: float = Field(
+        1.0, ge=0, le=60, description="key records cached per process; a revocation waits it"
+    )
+    admin_url: str | None = Field(
+        None, description="the operator's Redis URL (keys, ACL); default: the fleet's"
     )
 
     # Reliability (docs/reliability.md): limits, leases, idempotency, dead letters.
@@ -78,6 +89,17 @@ class Settings(AuditEnvSettings, SandboxSettings):
         30 * 86_400, ge=60, description="how long an email's exactly-once record is kept"
     )
 
+    @model_validator(mode="after")
+    def _nonce_window(self) -> Settings:
+        # A nonce record lives as long as the idempotency record, and must outlive the
+        # clock-skew window, or an exact copy of an old message could run again.
+        if self.idempotency_retention_s < 2 * self.auth_skew_s:
+            raise ValueError(
+                "idempotency_retention_s must be at least twice auth_skew_s "
+                f"({self.idempotency_retention_s} < 2 x {self.auth_skew_s})"
+            )
+        return self
+
     @field_validator("worker_cpus")
     @classmethod
     def _cpu_list(cls, value: str | None) -> str | None:
@@ -91,6 +113,15 @@ class Settings(AuditEnvSettings, SandboxSettings):
         except CpuSpecError as exc:
             raise ValueError(str(exc)) from None
         return value
+
+    def resolved_admin_url(self) -> str | None:
+        """Where the operator's commands (keys, ACL) reach the fleet's Redis."""
+        if self.admin_url:
+            return self.admin_url
+        url = self._fleet().get("admin_url")
+        if isinstance(url, str):
+            return url
+        return self.limits_redis_url or self.resolved_broker_url()
 
     def resolved_workspace_root(self) -> Path:
         return self.workspace_root or self.home / "workspaces"

@@ -1,8 +1,8 @@
 """The execution pipeline, top to bottom in one place.
 
-    validate -> deadline -> policy -> reliability.admit (idempotency, rate, concurrency,
-    quota) -> middleware -> execute -> normalize -> reliability.settle (retry / final /
-    dead letter) -> events
+    validate -> authenticate (the producer key's signature and scope) -> deadline ->
+    policy -> reliability.admit (idempotency, rate, concurrency, quota) -> middleware ->
+    execute -> normalize -> reliability.settle (retry / final / dead letter) -> events
 
 ``Pipeline.run`` never raises: every outcome, including a bug in an executor, becomes an
 ``ActionResult`` the agent can act on, and every stage emits a lifecycle event. When the
@@ -27,6 +27,7 @@ from producer.errors import (
 )
 from producer.models import ActionResult
 from producer.validation import parse_action
+from workers.auth.verify import Authenticator
 from workers.executors import ExecutorRegistry
 from workers.middleware import ActionContext, LifecycleEvent, Middleware, Reschedule, Stage
 from workers.policy import PolicyEngine
@@ -44,11 +45,13 @@ class Pipeline:
         executors: ExecutorRegistry,
         middleware: Sequence[Middleware] = (),
         reliability: Reliability | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         self.policy = policy
         self.executors = executors
         self.middleware = list(middleware)
         self.reliability = reliability
+        self.auth = auth
 
     def run(self, ctx: ActionContext) -> dict[str, Any]:
         """Execute one delivery of an action; returns the result as JSON-ready dict."""
@@ -111,6 +114,13 @@ class Pipeline:
         action = parse_action(ctx.raw)
         ctx.action = action
         self._emit("received", ctx)
+        if self.auth is not None:
+            # Before anything of the action is trusted: who sent it, and may they.
+            try:
+                self.auth.authenticate(action, ctx.raw)
+            except ActionError as exc:
+                self._emit("policy", ctx, decision="deny", reason=exc.message)
+                raise
         if action.primitive != ctx.primitive:
             raise ValidationError_(
                 f"a {action.primitive!r} action arrived on queue {ctx.queue!r}; "

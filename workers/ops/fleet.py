@@ -83,6 +83,17 @@ def celery_worker_argv(
     return argv
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` atomically, readable and writable by its owner only (0600)."""
+    tmp = path.with_suffix(".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    tmp.replace(path)
+
+
 def read_fleet_file(settings: Settings) -> dict[str, Any] | None:
     try:
         return json.loads(settings.fleet_file().read_text())
@@ -188,6 +199,7 @@ class Fleet:
     flower: bool = False  # `up --flower`
     flower_child: _Child | None = None
     metrics: Any = None  # workers.ops.metrics.MetricsServer
+    operator_key_id: str | None = None
     _stopping: bool = False
 
     # -- start ------------------------------------------------------------------------
@@ -272,6 +284,7 @@ class Fleet:
             )
         self.broker_url = self.settings.broker_url or self._start_redis()
         self.say(f"broker: {self.broker_url}")
+        operator = self._operator_key()
         self.ingester = self._ingester()
         self.ingester.start()
         self.say(f"audit ingester started (log {self.ingester.log})")
@@ -292,11 +305,34 @@ class Fleet:
                 {"name": c.name, "pid": c.proc.pid if c.proc else None} for c in self.children
             ],
             **ops,
+            **operator,
         }
-        tmp = self.settings.fleet_file().with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        tmp.replace(self.settings.fleet_file())
+        write_private(self.settings.fleet_file(), json.dumps(info, indent=2))
         self.say(f"fleet ready: {self.settings.fleet_file()}")
+
+    def _operator_key(self) -> dict[str, Any]:
+        """With auth required: a key for every tenant, agent and primitive, for the
+        operator's own commands on this machine (fleet.json, mode 0600)."""
+        if self.settings.auth != "required":
+            self.say(
+                "warning: ACTIONFLEET_AUTH=off: actions are not authenticated; anyone who can "
+                "reach the broker may act as any tenant (single-user machines only)"
+            )
+            return {"auth": "off"}
+        import redis
+
+        from workers.auth.keys import KeyStore
+
+        client = redis.Redis.from_url(self.settings.limits_redis_url or self.broker_url)
+        try:
+            record, key = KeyStore(client).create(
+                "*", "*", description=f"operator key of `actionfleet up` (pid {os.getpid()})"
+            )
+        finally:
+            client.close()
+        self.operator_key_id = record.key_id
+        self.say(f"auth: required; operator key {record.key_id} in fleet.json (owner only)")
+        return {"auth": "required", "operator_key": key.secret(), "operator_key_id": record.key_id}
 
     def _start_ops(self) -> dict[str, Any]:
         """The metrics endpoint (always) and Flower (``--flower``); their URLs for fleet.json."""
@@ -361,6 +397,7 @@ class Fleet:
                 self.flower_child.proc.kill()
         if self.metrics is not None:
             self.metrics.stop()
+        self._revoke_operator_key()
         if self.redis and self.redis.proc and self.redis.proc.poll() is None:
             self.redis.proc.terminate()
             try:
@@ -372,6 +409,24 @@ class Fleet:
             with contextlib.suppress(OSError):
                 self.settings.fleet_file().unlink()
         self.say("fleet stopped")
+
+    def _revoke_operator_key(self) -> None:
+        # Its secret stays in no file once the fleet is gone; on a broker that outlives
+        # the fleet (a configured one) it must not stay valid either.
+        if self.operator_key_id is None or not self.broker_url:
+            return
+        import redis
+
+        from workers.auth.keys import KeyStore
+
+        try:
+            client = redis.Redis.from_url(self.settings.limits_redis_url or self.broker_url)
+            try:
+                KeyStore(client).revoke(self.operator_key_id)
+            finally:
+                client.close()
+        except (redis.RedisError, KeyError) as exc:
+            self.say(f"warning: could not revoke operator key {self.operator_key_id}: {exc}")
 
     def _stop_ingester(self) -> None:
         ingester = self.ingester

@@ -64,6 +64,26 @@ def running_fleet(
     log.close()
 
 
+def test_up_requires_signed_actions_and_keeps_its_key_private(running_fleet) -> None:
+    """`up` runs with auth required: an operator key in fleet.json (owner only), and an
+    unsigned action is refused without running."""
+    from producer.client import ActionClient
+    from workers.config import Settings
+
+    _env, _proc, home = running_fleet
+    fleet_file = home / "fleet.json"
+    assert fleet_file.stat().st_mode & 0o777 == 0o600
+    info = json.loads(fleet_file.read_text())
+    assert info["auth"] == "required" and info["operator_key"].startswith("afk1_")
+    url = info["broker_url"]
+    with ActionClient(url, settings=Settings(broker_url=url), key=None) as client:
+        client.key = None  # an agent without a key
+        refused = client.run(code_action("print('never')"), timeout=90)
+    assert refused.status == "denied" and refused.error is not None
+    assert refused.error.type == "unauthenticated" and refused.error.details["reason"] == "missing"
+    assert "ACTIONFLEET_KEY" in refused.error.message
+
+
 def test_status_reports_workers_and_queues(running_fleet) -> None:
     env, proc, _home = running_fleet
     out = _cli(env, "status")
@@ -120,14 +140,17 @@ def test_every_stage_of_real_actions_lands_in_clickhouse(running_fleet) -> None:
     from workers.config import Settings
 
     env, _, home = running_fleet
-    url = json.loads((home / "fleet.json").read_text())["broker_url"]
+    info = json.loads((home / "fleet.json").read_text())
+    url = info["broker_url"]
     cases = {
         "succeeded": code_action("print('audited')"),
         "failed": code_action("x = bytearray(400 * 1024 * 1024)", memory_mb=64),
         "denied": code_action("print(1)", memory_mb=4096),
         "timed_out": code_action("while True: pass", timeout_s=1),
     }
-    with ActionClient(url, settings=Settings(broker_url=url)) as client:
+    # `up` requires signed actions by default: this client signs with the operator key.
+    key = info["operator_key"]
+    with ActionClient(url, settings=Settings(broker_url=url), key=key) as client:
         results = {name: client.run(a, timeout=90) for name, a in cases.items()}
     assert {k: r.status for k, r in results.items()} == {k: k for k in cases}
 
@@ -148,6 +171,7 @@ def test_every_stage_of_real_actions_lands_in_clickhouse(running_fleet) -> None:
         assert out.returncode == 0, out.stderr
         trace = _jsonl(out.stdout)
         assert [row["stage"] for row in trace] == expected_stages[name], trace
+        assert {row["key_id"] for row in trace} == {info["operator_key_id"]}, trace
         assert {row["tenant_id"] for row in trace} == {"acme"}
         finished = trace[-1]
         assert finished["status"] == result.status

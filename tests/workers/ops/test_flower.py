@@ -79,6 +79,7 @@ def up_fleet(
         "ACTIONFLEET_POLICY": str(TEST_POLICY),
         "ACTIONFLEET_FLOWER_USER": "ops",
         "ACTIONFLEET_FLOWER_PASSWORD": PASSWORD,
+        "ACTIONFLEET_AUTH": "off",  # Flower is the subject here; `up`'s auth: test_cli_fleet
         "PYTHONPATH": str(ROOT),
     }
     log = home / "up.log"

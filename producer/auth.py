@@ -1,0 +1,156 @@
+"""Producer keys: who is asking, proven by an Ed25519 signature over each action.
+
+A producer key is one secret string, shown once by ``actionfleet keys create``::
+
+    afk1_<key_id>_<seed>        seed: the 32-byte Ed25519 private key, base64url
+
+The fleet stores only the public key (``workers.auth``), so nothing it holds can sign an
+action. ``ProducerKey.sign`` adds an ``auth`` proof to a message: the key id, a timestamp
+(ms since the epoch), a random nonce and the signature of::
+
+    b"actionfleet-action-v1\\n" key_id "\\n" ts "\\n" nonce "\\n" canonical(message)
+
+where ``canonical`` is the message without ``auth`` as compact JSON with sorted keys
+(UTF-8). Every field of the envelope and the payload is covered: changing one byte, the
+tenant or the timestamp breaks the signature. Ed25519 (not an HMAC): verifying needs no
+secret, so a stolen fleet database or a worker cannot forge a producer's actions.
+
+The same seed also derives the producer's Redis password (``redis_credentials``): one
+secret gives both the right to publish (a Redis ACL user that may only push to the action
+queues and read its tenant's results) and the proof of who published.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+__all__ = [
+    "KEY_PREFIX",
+    "ProducerKey",
+    "canonical_bytes",
+    "redis_user",
+    "signed_bytes",
+    "verify_signature",
+]
+
+KEY_PREFIX = "afk1"
+_KEY_RE = re.compile(r"^afk1_(k[0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+_DOMAIN = b"actionfleet-action-v1\n"
+_REDIS_DOMAIN = b"actionfleet-redis-acl-v1"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def canonical_bytes(message: dict[str, Any]) -> bytes:
+    """The message without its ``auth`` proof, as the bytes both sides sign and verify."""
+    body = {k: v for k, v in message.items() if k != "auth"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def signed_bytes(message: dict[str, Any], key_id: str, ts: int, nonce: str) -> bytes:
+    return b"%s%s\n%d\n%s\n%s" % (
+        _DOMAIN,
+        key_id.encode(),
+        ts,
+        nonce.encode(),
+        canonical_bytes(message),
+    )
+
+
+def verify_signature(
+    public_key: str, message: dict[str, Any], key_id: str, ts: int, nonce: str, sig: str
+) -> bool:
+    """True when ``sig`` is the signature of ``message`` (with its proof's fields) by the
+    private key of ``public_key`` (raw Ed25519, base64url)."""
+    try:
+        Ed25519PublicKey.from_public_bytes(_unb64(public_key)).verify(
+            _unb64(sig), signed_bytes(message, key_id, ts, nonce)
+        )
+    except (InvalidSignature, ValueError, binascii.Error):
+        return False
+    return True
+
+
+def redis_user(key_id: str) -> str:
+    """The Redis ACL user of a producer key."""
+    return f"p-{key_id}"
+
+
+@dataclass(frozen=True)
+class ProducerKey:
+    """A producer's secret key. ``repr`` never shows the seed."""
+
+    key_id: str
+    _seed: bytes
+
+    @classmethod
+    def generate(cls) -> ProducerKey:
+        return cls(f"k{secrets.token_hex(8)}", secrets.token_bytes(32))
+
+    @classmethod
+    def parse(cls, text: str) -> ProducerKey:
+        """From the ``afk1_…`` string; ``ValueError`` (without the text) when malformed."""
+        m = _KEY_RE.match(text.strip())
+        if not m:
+            raise ValueError(
+                "not an ActionFleet producer key: expected afk1_<key id>_<secret> as printed "
+                "by `actionfleet keys create` (check ACTIONFLEET_KEY)"
+            )
+        try:
+            seed = _unb64(m.group(2))
+        except (binascii.Error, ValueError):
+            raise ValueError("the producer key's secret part is not base64url") from None
+        if len(seed) != 32:
+            raise ValueError("the producer key's secret part is not 32 bytes")
+        return cls(m.group(1), seed)
+
+    def secret(self) -> str:
+        """The string to hand to the producer (shown once, never stored by the fleet)."""
+        return f"{KEY_PREFIX}_{self.key_id}_{_b64(self._seed)}"
+
+    def _private(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.from_private_bytes(self._seed)
+
+    def public_key_b64(self) -> str:
+        raw = self._private().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return _b64(raw)
+
+    def redis_credentials(self) -> tuple[str, str]:
+        """(user, password) of this key's Redis ACL user; the fleet keeps only a hash."""
+        password = hmac.new(self._seed, _REDIS_DOMAIN, hashlib.sha256).hexdigest()
+        return redis_user(self.key_id), password
+
+    def sign(
+        self, message: dict[str, Any], *, now_ms: int | None = None, nonce: str | None = None
+    ) -> dict[str, Any]:
+        """``message`` with an ``auth`` proof (any earlier proof replaced)."""
+        ts = int(time.time() * 1000) if now_ms is None else now_ms
+        nonce = nonce or _b64(secrets.token_bytes(16))
+        signature = self._private().sign(signed_bytes(message, self.key_id, ts, nonce))
+        proof = {"key_id": self.key_id, "ts": ts, "nonce": nonce, "sig": _b64(signature)}
+        return {**{k: v for k, v in message.items() if k != "auth"}, "auth": proof}
+
+    def __repr__(self) -> str:
+        return f"ProducerKey({self.key_id!r}, <secret>)"

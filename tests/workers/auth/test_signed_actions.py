@@ -1,0 +1,298 @@
+"""Authenticated producers through a real files worker on a real redis-server: a signed
+action runs; a changed byte, a changed tenant, an old timestamp, a reused nonce, a revoked
+or rotated-out key, a key of another tenant and an unsigned action are each refused,
+audited with the key id and the reason, and never run (the file the action would write
+stays absent)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer.auth import ProducerKey
+from producer.client import ActionClient
+from producer.models import ActionResult
+from tests.conftest import ROOT, RedisServer, Worker, start_worker, worker_env
+from workers.auth.keys import KeyStore
+from workers.config import Settings
+
+pytestmark = pytest.mark.timeout(240)
+
+DB = 6  # this module's own Redis database
+OFF_DB = 5  # the auth-off worker's
+CACHE_S = 0.2  # the workers' key cache: a revocation is seen after it
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path, Worker]]:
+    redis_server.client(DB).flushdb()
+    home = tmp_path_factory.mktemp("auth-fleet")
+    url = redis_server.url(DB)
+    worker = start_worker(
+        url,
+        home,
+        queues="actions.files",
+        concurrency=1,
+        auth="required",
+        auth_cache_s=str(CACHE_S),
+        workspace_root=str(home / "ws"),
+    )
+    yield url, home / "ws", worker
+    worker.stop()
+
+
+@pytest.fixture
+def store(fleet: tuple[str, Path, Worker]) -> Iterator[KeyStore]:
+    client = redis.Redis.from_url(fleet[0])
+    yield KeyStore(client)
+    client.close()
+
+
+def _write(tenant: str = "acme", agent: str = "researcher-1", path: str = "") -> dict[str, Any]:
+    return {
+        "primitive": "files",
+        "tenant_id": tenant,
+        "agent_id": agent,
+        "action_id": str(uuid.uuid4()),
+        "payload": {"op": "write", "path": path or f"m-{uuid.uuid4().hex}.txt", "content": "x"},
+    }
+
+
+def _send_raw(url: str, message: dict[str, Any], timeout: float = 60) -> ActionResult:
+    """Publish a message exactly as given (no validation, no signing): what a forger or a
+    replaying attacker with broker access can do."""
+    with ActionClient(url, settings=Settings(broker_url=url), key=None) as client:
+        client.key = None
+        result = client._app.send_task(
+            "actionfleet.files",
+            kwargs={"message": message},
+            queue="actions.files",
+            declare=[],
+            task_id=message["action_id"],
+        )
+        value = result.get(timeout=timeout, propagate=False)
+    return ActionResult.model_validate(value)
+
+
+def _marker(workspace: Path, message: dict[str, Any]) -> Path:
+    return workspace / message["tenant_id"] / message["payload"]["path"]
+
+
+def _audit_rows(url: str, action_id: str) -> list[dict[str, Any]]:
+    client = redis.Redis.from_url(url)
+    try:
+        rows = []
+        for _, fields in client.xrange("actionfleet:audit"):
+            for line in fields[b"e"].split(b"\n"):
+                row = json.loads(line)
+                if row["action_id"] == action_id:
+                    rows.append(row)
+        return rows
+    finally:
+        client.close()
+
+
+def _wait_audit(url: str, action_id: str, stage: str = "finished") -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = _audit_rows(url, action_id)
+        if any(r["stage"] == stage for r in rows):
+            return rows
+        time.sleep(0.1)
+    raise AssertionError(f"no {stage} audit event for {action_id}")
+
+
+def _refused(
+    url: str, workspace: Path, message: dict[str, Any], error_type: str, reason: str
+) -> ActionResult:
+    result = _send_raw(url, message)
+    assert result.status == "denied", result
+    assert result.error is not None and result.error.type == error_type, result.error
+    assert result.error.details["reason"] == reason, result.error
+    assert not _marker(workspace, message).exists(), "a refused action ran"
+    rows = _wait_audit(url, message["action_id"])
+    policy = [r for r in rows if r["stage"] == "policy"]
+    assert policy and policy[0]["policy_decision"] == "deny", rows
+    assert result.error.message in policy[0]["policy_reason"]
+    claimed = (message.get("auth") or {}).get("key_id", "")
+    assert {r["key_id"] for r in rows} == {claimed}, rows
+    assert not any(r["stage"] == "started" for r in rows), rows
+    return result
+
+
+def test_a_signed_action_runs_and_its_key_is_audited(
+    fleet: tuple[str, Path, Worker], store: KeyStore
+) -> None:
+    url, workspace, _ = fleet
+    record, key = store.create("acme", "researcher-*", ["files"])
+    message = _write()
+    with ActionClient(url, settings=Settings(broker_url=url), key=key.secret()) as client:
+        result = client.run(message, timeout=60)
+    assert result.status == "succeeded", result
+    assert _marker(workspace, message).read_text() == "x"
+    rows = _wait_audit(url, message["action_id"])
+    assert {r["key_id"] for r in rows} == {record.key_id}
+    assert [r["stage"] for r in rows] == ["received", "policy", "started", "finished"]
+
+
+def test_tampered_stale_replayed_and_unsigned_actions_never_run(
+    fleet: tuple[str, Path, Worker], store: KeyStore
+) -> None:
+    url, workspace, _ = fleet
+    _, key = store.create("acme", "researcher-*", ["files"])
+
+    # One payload byte changed after signing.
+    signed = key.sign(_write())
+    tampered = json.loads(json.dumps(signed))
+    tampered["payload"]["content"] = "y"
+    _refused(url, workspace, tampered, "unauthenticated", "bad_signature")
+
+    # The tenant changed after signing (to one the key could not sign for anyway).
+    moved = key.sign(_write())
+    moved = {**moved, "tenant_id": "beta"}
+    _refused(url, workspace, moved, "unauthenticated", "bad_signature")
+
+    # Signed ten minutes ago (the allowed skew is five).
+    stale_ms = int((datetime.now(UTC) - timedelta(minutes=10)).timestamp() * 1000)
+    _refused(
+        url, workspace, key.sign(_write(), now_ms=stale_ms), "unauthenticated", "stale_timestamp"
+    )
+
+    # A nonce already used, by a validly signed action, for another action.
+    first = key.sign(_write())
+    assert _send_raw(url, first).status == "succeeded"
+    reuse = key.sign(_write(), nonce=first["auth"]["nonce"])
+    _refused(url, workspace, reuse, "unauthenticated", "replay")
+
+    # No signature at all.
+    _refused(url, workspace, _write(), "unauthenticated", "missing")
+
+    # A key this fleet never made.
+    _refused(
+        url, workspace, ProducerKey.generate().sign(_write()), "unauthenticated", "unknown_key"
+    )
+
+
+def test_an_exact_copy_of_an_accepted_message_does_not_run_again(
+    fleet: tuple[str, Path, Worker], store: KeyStore
+) -> None:
+    """A verbatim resend is the same action (same id, nonce, signature): answered from its
+    stored result, not run a second time."""
+    url, workspace, _worker = fleet
+    _, key = store.create("acme", "researcher-*", ["files"])
+    message = key.sign(_write())
+    first = _send_raw(url, message)
+    assert first.status == "succeeded"
+    path = _marker(workspace, message)
+    path.unlink()
+    again = _send_raw(url, message)
+    assert again.status == "succeeded" and again.action_id == first.action_id
+    assert not path.exists(), "the copy ran again"
+    rows = _wait_audit(url, message["action_id"])
+    finished = [r for r in rows if r["stage"] == "finished"]
+    assert [r["policy_decision"] for r in finished] == ["allow", "duplicate"], rows
+
+
+def test_key_scope_revocation_and_rotation(
+    fleet: tuple[str, Path, Worker], store: KeyStore
+) -> None:
+    url, workspace, _ = fleet
+    record, key = store.create("acme", "researcher-*", ["files"])
+
+    # A key of another tenant, and an agent outside the key's pattern.
+    _, beta_key = store.create("beta", "*", ["files"])
+    _refused(url, workspace, beta_key.sign(_write("acme")), "policy_denied", "key_scope")
+    _refused(url, workspace, key.sign(_write(agent="writer-1")), "policy_denied", "key_scope")
+    _, code_only = store.create("acme", "*", ["code"])
+    _refused(url, workspace, code_only.sign(_write()), "policy_denied", "key_scope")
+
+    # Rotation: the old key works during the grace window, the new one at once.
+    new, new_key, old = store.rotate(record.key_id, grace_s=3600)
+    assert old.replaced_by == new.key_id and old.state() == "expiring"
+    assert _send_raw(url, key.sign(_write())).status == "succeeded"
+    assert _send_raw(url, new_key.sign(_write())).status == "succeeded"
+    # ... and not after it (its end moved to the past, as time would).
+    store.expire(record.key_id, datetime.now(UTC) - timedelta(seconds=1))
+    time.sleep(CACHE_S * 2)  # past the workers' key cache
+    late = _refused(url, workspace, key.sign(_write()), "unauthenticated", "expired")
+    assert new.key_id in late.error.message  # type: ignore[union-attr]
+    assert _send_raw(url, new_key.sign(_write())).status == "succeeded"
+
+    # Revocation.
+    store.revoke(new.key_id)
+    time.sleep(CACHE_S * 2)
+    _refused(url, workspace, new_key.sign(_write()), "unauthenticated", "revoked")
+
+
+def test_keys_cli_shows_the_secret_once_and_never_lists_it(
+    fleet: tuple[str, Path, Worker], tmp_path: Path
+) -> None:
+    url, _workspace, _ = fleet
+    env = worker_env(url, tmp_path) | {"ACTIONFLEET_ADMIN_URL": url}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "workers.ops.cli", "keys", *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    out = cli("create", "--tenant", "acme", "--agent", "researcher-*", "--primitives", "files,code")
+    assert out.returncode == 0, out.stderr
+    created = json.loads(out.stdout)
+    assert created["primitives"] == ["files", "code"] and "shown once" in out.stderr
+    secret = created["secret"]
+    listed = cli("list")
+    assert listed.returncode == 0 and secret not in listed.stdout
+    assert created["key_id"] in listed.stdout and "redis_password_sha256" not in listed.stdout
+    # The printed secret signs actions the fleet accepts.
+    with ActionClient(url, settings=Settings(broker_url=url), key=secret) as client:
+        assert client.run(_write(), timeout=60).status == "succeeded"
+    bad = cli("create", "--tenant", "acme", "--primitives", "teleport")
+    assert bad.returncode == 2 and "primitives must be some of" in bad.stderr
+    rotated = json.loads(cli("rotate", created["key_id"], "--grace", "30m").stdout)
+    assert rotated["secret"] != secret and rotated["replaces"]["state"] == "expiring"
+    revoked = json.loads(cli("revoke", rotated["key_id"]).stdout)
+    assert revoked["state"] == "revoked"
+    listed_ids = [k["key_id"] for k in json.loads(cli("list").stdout)]
+    assert created["key_id"] in listed_ids and rotated["key_id"] not in listed_ids
+    assert rotated["key_id"] in [k["key_id"] for k in json.loads(cli("list", "--all").stdout)]
+
+
+def test_with_auth_off_unsigned_actions_run_and_the_worker_says_so(
+    redis_server: RedisServer, tmp_path: Path, make_client: Callable[[str], ActionClient]
+) -> None:
+    url = redis_server.url(OFF_DB)  # not the module fleet's queue: it requires signatures
+    redis_server.client(OFF_DB).flushdb()
+    worker = start_worker(
+        url,
+        tmp_path,
+        queues="actions.files",
+        concurrency=1,
+        auth="off",
+        workspace_root=str(tmp_path / "ws"),
+        name=f"authoff-{uuid.uuid4().hex[:6]}@localhost",
+    )
+    try:
+        message = _write(path="off.txt")
+        result = _send_raw(url, message)
+        assert result.status == "succeeded", result
+        assert (tmp_path / "ws" / "acme" / "off.txt").exists()
+        assert "ACTIONFLEET_AUTH=off" in worker.log.read_text()
+    finally:
+        worker.stop()

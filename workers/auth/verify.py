@@ -1,0 +1,169 @@
+"""Checking who sent an action, once per delivery, before anything of it is trusted.
+
+``Authenticator.authenticate`` ends an action ``denied`` before policy, limits or the
+executor see it when:
+
+- it carries no proof and the fleet requires one (``ACTIONFLEET_AUTH=required``);
+- its key is unknown, revoked, or past the end of a rotation's grace period;
+- the signature does not match the message (one byte changed, another key);
+- it was signed outside the allowed clock skew (``auth_skew_s``) and is not a delivery of
+  an action already accepted;
+- its nonce was already used by another action (a replay);
+  (all of these: ``unauthenticated``)
+- the key does not cover its tenant, agent or primitive (``policy_denied``).
+
+Redeliveries are not replays: the first accepted delivery records its nonce with the
+action's id, and a later delivery of the same action (a crashed worker, a retry, a
+deferral, hours later) is recognised by that record, whatever its timestamp. An exact
+copy of an accepted message is that same action, and its idempotency record answers it
+without running it again. Nonce records outlive the skew window, so a message whose
+record has lapsed is always refused by its timestamp.
+
+Cost: the key record is cached per process for ``cache_s`` (so a revocation takes effect
+within that time), the signature check is one Ed25519 verification, and the nonce is one
+Redis round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from producer.auth import verify_signature
+from producer.errors import PolicyDenied, Unauthenticated
+from producer.models import Action
+from workers.auth.keys import KeyRecord, KeyStore
+
+__all__ = ["NONCE_PREFIX", "Authenticator", "Identity"]
+
+log = logging.getLogger(__name__)
+NONCE_PREFIX = "af:auth:nonce"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who an accepted action came from."""
+
+    key_id: str
+    record: KeyRecord
+
+
+class Authenticator:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        required: bool = True,
+        skew_s: float = 300.0,
+        nonce_ttl_s: int = 86_400,
+        cache_s: float = 1.0,
+    ) -> None:
+        if nonce_ttl_s < 2 * skew_s:
+            raise ValueError("nonce records must outlive the clock-skew window (2 x skew)")
+        self.store = KeyStore(client)
+        self.client = client
+        self.required = required
+        self.skew_ms = int(skew_s * 1000)
+        self.nonce_ttl_s = int(nonce_ttl_s)
+        self.cache_s = cache_s
+        self._cache: dict[str, tuple[float, KeyRecord]] = {}
+
+    def _record(self, key_id: str) -> KeyRecord | None:
+        hit = self._cache.get(key_id)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self.cache_s:
+            return hit[1]
+        record = self.store.get(key_id)
+        if record is None:
+            self._cache.pop(key_id, None)
+        else:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[key_id] = (now, record)
+        return record
+
+    def authenticate(
+        self, action: Action, raw: dict[str, Any], now: datetime | None = None
+    ) -> Identity | None:
+        """The sender's identity, or None when the fleet runs with auth off. Raises
+        ``Unauthenticated`` or ``PolicyDenied``; nothing of the action has run then."""
+        if not self.required:
+            return None
+        proof = action.auth
+        if proof is None:
+            raise Unauthenticated(
+                "this fleet runs only signed actions and this one has no signature: send it "
+                "with ActionClient(key=...) or set ACTIONFLEET_KEY to a key from "
+                "`actionfleet keys create`",
+                reason="missing",
+            )
+        key_id = proof.key_id
+        record = self._record(key_id)
+        if record is None:
+            raise Unauthenticated(
+                f"key {key_id} is unknown to this fleet: use a key made by "
+                "`actionfleet keys create` for this fleet",
+                reason="unknown_key",
+                key_id=key_id,
+            )
+        when = now or datetime.now(UTC)
+        state = record.state(when)
+        if state == "revoked":
+            raise Unauthenticated(
+                f"key {key_id} was revoked at {record.revoked_at}: ask the operator for a new key",
+                reason="revoked",
+                key_id=key_id,
+            )
+        if state == "expired":
+            raise Unauthenticated(
+                f"key {key_id} stopped being accepted at {record.expires_at} (it was rotated): "
+                "use its replacement" + (f" {record.replaced_by}" if record.replaced_by else ""),
+                reason="expired",
+                key_id=key_id,
+            )
+        if not verify_signature(record.public_key, raw, key_id, proof.ts, proof.nonce, proof.sig):
+            raise Unauthenticated(
+                f"the signature does not match this message for key {key_id}: the message "
+                "was changed after it was signed, or signed with another key; sign it again "
+                "through ActionClient",
+                reason="bad_signature",
+                key_id=key_id,
+            )
+        self._check_fresh(action, key_id, proof.ts, proof.nonce, when)
+        outside = record.allows(action.tenant_id, action.agent_id, action.primitive)
+        if outside is not None:
+            raise PolicyDenied(
+                f"key {key_id} may not act for {outside}; use a key made for it",
+                reason="key_scope",
+                key_id=key_id,
+            )
+        return Identity(key_id, record)
+
+    def _check_fresh(self, action: Action, key_id: str, ts: int, nonce: str, now: datetime) -> None:
+        key = f"{NONCE_PREFIX}:{key_id}:{nonce}"
+        skew_ms = abs(int(now.timestamp() * 1000) - ts)
+        if skew_ms <= self.skew_ms:
+            seen = self.client.set(key, action.action_id, nx=True, get=True, ex=self.nonce_ttl_s)
+        else:
+            seen = self.client.get(key)
+            if seen is None:
+                signed = datetime.fromtimestamp(ts / 1000, UTC).isoformat()
+                raise Unauthenticated(
+                    f"the action was signed at {signed}, {skew_ms / 1000:.0f} s from this "
+                    f"worker's clock (at most {self.skew_ms / 1000:.0f} s allowed): check the "
+                    "producer's clock and send it again",
+                    reason="stale_timestamp",
+                    key_id=key_id,
+                )
+        if seen is not None and seen.decode() != action.action_id:
+            raise Unauthenticated(
+                f"nonce {nonce} of key {key_id} was already used by another action: a "
+                "replayed or forged message; every signature needs a fresh nonce",
+                reason="replay",
+                key_id=key_id,
+            )
