@@ -20,7 +20,7 @@ from producer.auth import ProducerKey
 from producer.config import ProducerSettings, producer_settings, with_credentials
 from producer.errors import FleetUnavailable, InvalidAction, ResultTimeout, UnsupportedPrimitive
 from producer.models import Action, ActionResult, queue_for, task_name_for
-from producer.transport import celery_conf, kwargs_repr, redis_priority
+from producer.transport import celery_conf, kwargs_repr, redis_priority, task_id_for
 from producer.validation import parse_action
 
 READY_STATES = states.READY_STATES
@@ -163,7 +163,7 @@ class ActionClient:
                 # No queue declaration from the producer: workers declare their queues,
                 # and a producer's Redis user may only push to them (docs/security.md).
                 declare=[],
-                task_id=action.action_id,
+                task_id=task_id_for(action.tenant_id, action.action_id),
                 priority=redis_priority(action.priority),
                 argsrepr="()",
                 kwargsrepr=kwargs_repr(action.primitive, action.action_id, action.tenant_id),

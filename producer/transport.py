@@ -15,12 +15,26 @@ from producer.config import ProducerSettings
 __all__ = [
     "REDIS_PRIORITY_SEP",
     "REDIS_PRIORITY_STEPS",
+    "RESULT_KEY_PREFIX",
     "action_queues",
     "celery_conf",
     "kwargs_repr",
     "redis_priority",
     "redis_queue_keys",
+    "task_id_for",
 ]
+
+# Celery's Redis result backend keeps a task's result at this prefix + task id (and
+# announces it on a channel of the same name).
+RESULT_KEY_PREFIX = "celery-task-meta-"
+
+
+def task_id_for(tenant_id: str, action_id: str) -> str:
+    """The Celery task id of an action: its tenant, ``+``, its id. Results are then kept
+    under a tenant's own key prefix, which a Redis ACL can grant to that tenant's producers
+    alone (``+`` cannot occur in a tenant id, so no tenant's prefix covers another's)."""
+    return f"{tenant_id}+{action_id}"
+
 
 # Redis has no native priorities: kombu keeps one list per step and, by default, serves
 # the LOWEST number first. Our contract says 9 is most urgent, so we invert on send.

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from celery import Celery, Task, signals
 from celery.app import trace as celery_trace
-from celery.exceptions import Reject, Retry
+from celery.exceptions import Ignore, Reject, Retry
 
 from producer.models import PRIMITIVES, queue_for, task_name_for
 from producer.transport import celery_conf, kwargs_repr
@@ -181,8 +181,11 @@ def _make_task(primitive: str) -> Any:
             attempt=_attempt(self, state),
             raw=message,
             extra={"retry_state": state},
+            task_id=self.request.id,
         )
         result = get_pipeline().run(ctx)
+        if not ctx.store_result:
+            raise Ignore()  # acknowledged and audited; nothing stored under a foreign id
         if ctx.reschedule is None:
             return result
         try:

@@ -55,6 +55,11 @@ class ActionContext:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     started_mono: float = field(default_factory=time.monotonic)
     extra: dict[str, Any] = field(default_factory=dict)
+    # The Celery task id the message came with (None outside Celery): the result is
+    # stored under it, so it must be the action's own (producer.transport.task_id_for).
+    task_id: str | None = None
+    # False when no result may be stored under ``task_id`` (it names another action).
+    store_result: bool = True
     # Set when this delivery is not the last: the task re-queues the message (retry or
     # deferral) instead of returning a result.
     reschedule: Reschedule | None = None

@@ -26,6 +26,7 @@ from producer.errors import (
     ValidationError_,
 )
 from producer.models import ActionResult
+from producer.transport import task_id_for
 from producer.validation import parse_action
 from workers.auth.verify import Authenticator
 from workers.executors import ExecutorRegistry
@@ -114,6 +115,18 @@ class Pipeline:
         action = parse_action(ctx.raw)
         ctx.action = action
         self._emit("received", ctx)
+        if ctx.task_id is not None and ctx.task_id != task_id_for(
+            action.tenant_id, action.action_id
+        ):
+            # Its result would land in another action's (or tenant's) result key: refuse,
+            # and store nothing there (the task checks ``store_result``).
+            ctx.store_result = False
+            raise ValidationError_(
+                f"the message came as task {ctx.task_id[:80]!r}, not as its own "
+                f"{task_id_for(action.tenant_id, action.action_id)!r}: send it through "
+                "ActionClient",
+                field="task_id",
+            )
         if self.auth is not None:
             # Before anything of the action is trusted: who sent it, and may they.
             try:

@@ -19,6 +19,7 @@ from typing import Any
 from producer.client import ActionClient, ActionHandle
 from producer.errors import ResultTimeout
 from producer.models import ActionResult
+from producer.transport import task_id_for
 from tests.conftest import RedisServer, start_redis
 from tests.reliability_fixtures import (
     applied,
@@ -102,7 +103,8 @@ def test_always_failing_is_dead_lettered_and_replay_runs_it_again(
         # Same action id: the agent's handle now sees the replay's result.
         wait_for(lambda: effects(probe)[handle.action_id] == 1, 30, "the replay's effect")
         # A fresh handle on the same id (the old one cached the first result).
-        fresh = ActionHandle(handle.action, client._app.AsyncResult(handle.action_id))
+        task_id = task_id_for(handle.action.tenant_id, handle.action_id)
+        fresh = ActionHandle(handle.action, client._app.AsyncResult(task_id))
         replayed = fresh.result(timeout=30)
         assert replayed.status == "succeeded" and replayed.output is not None
         assert replayed.output["stdout"] == "probe run 4\n"
@@ -187,7 +189,7 @@ def _result_or_whereabouts(handle: ActionHandle, client: Any) -> ActionResult:
         return handle.result(timeout=180)
     except ResultTimeout:
         raise AssertionError(
-            f"no result for {handle.action_id}: {whereabouts(client, handle.action_id)}"
+            f"no result for {handle.action_id}: {whereabouts(client, handle._async.id)}"
         ) from None
 
 

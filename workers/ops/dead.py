@@ -72,6 +72,7 @@ def _cmd_dead(args: argparse.Namespace) -> int:
 def _replay(store: DeadLetterStore, url: str, entry: dict[str, Any]) -> int:
     from producer.client import ActionClient
     from producer.models import PRIMITIVES
+    from producer.transport import task_id_for
     from workers.config import Settings
     from workers.guarantees.idempotency import IdempotencyStore
 
@@ -81,7 +82,8 @@ def _replay(store: DeadLetterStore, url: str, entry: dict[str, Any]) -> int:
     store.client.delete(IdempotencyStore.key(message["tenant_id"], key))
     with ActionClient(url, settings=Settings(broker_url=url), primitives=PRIMITIVES) as client:
         # Drop the stored final failure so that whoever waits on this id gets the new one.
-        client._app.AsyncResult(entry["action_id"]).forget()
+        task_id = task_id_for(message["tenant_id"], entry["action_id"])
+        client._app.AsyncResult(task_id).forget()
         handle = client.submit(message)
     store.remove(entry["action_id"])
     print(json.dumps({"replayed": handle.action_id, "primitive": handle.primitive}))

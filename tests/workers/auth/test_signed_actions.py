@@ -22,6 +22,7 @@ import redis
 from producer.auth import ProducerKey
 from producer.client import ActionClient
 from producer.models import ActionResult
+from producer.transport import task_id_for
 from tests.conftest import ROOT, RedisServer, Worker, start_worker, worker_env
 from workers.auth.keys import KeyStore
 from workers.config import Settings
@@ -70,7 +71,9 @@ def _write(tenant: str = "acme", agent: str = "researcher-1", path: str = "") ->
     }
 
 
-def _send_raw(url: str, message: dict[str, Any], timeout: float = 60) -> ActionResult:
+def _send_raw(
+    url: str, message: dict[str, Any], timeout: float = 60, task_id: str | None = None
+) -> ActionResult:
     """Publish a message exactly as given (no validation, no signing): what a forger or a
     replaying attacker with broker access can do."""
     with ActionClient(url, settings=Settings(broker_url=url), key=None) as client:
@@ -80,7 +83,7 @@ def _send_raw(url: str, message: dict[str, Any], timeout: float = 60) -> ActionR
             kwargs={"message": message},
             queue="actions.files",
             declare=[],
-            task_id=message["action_id"],
+            task_id=task_id or task_id_for(message["tenant_id"], message["action_id"]),
         )
         value = result.get(timeout=timeout, propagate=False)
     return ActionResult.model_validate(value)
@@ -296,3 +299,36 @@ def test_with_auth_off_unsigned_actions_run_and_the_worker_says_so(
         assert "ACTIONFLEET_AUTH=off" in worker.log.read_text()
     finally:
         worker.stop()
+
+
+def test_a_message_cannot_write_its_result_over_another_tenants(
+    fleet: tuple[str, Path, Worker], store: KeyStore
+) -> None:
+    """Results are kept per tenant (task id ``tenant+action_id``); a message sent under
+    another action's task id is refused, runs nothing, and stores nothing there."""
+    url, workspace, _ = fleet
+    _, beta_key = store.create("beta", "*", ["files"])
+    _, acme_key = store.create("acme", "*", ["files"])
+    with ActionClient(url, settings=Settings(broker_url=url), key=beta_key.secret()) as beta:
+        victim = beta.submit(_write("beta"))
+        assert victim.result(timeout=60).status == "succeeded"
+        victim_task = task_id_for("beta", victim.action_id)
+        assert victim._async.id == victim_task
+    client = redis.Redis.from_url(url)
+    stored = client.get(f"celery-task-meta-{victim_task}")
+    attack = acme_key.sign(_write("acme"))
+    with ActionClient(url, settings=Settings(broker_url=url), key=None) as raw:
+        raw._app.send_task(
+            "actionfleet.files",
+            kwargs={"message": attack},
+            queue="actions.files",
+            declare=[],
+            task_id=victim_task,
+        )
+    rows = _wait_audit(url, attack["action_id"])
+    finished = [r for r in rows if r["stage"] == "finished"]
+    assert finished and finished[0]["status"] == "invalid", rows
+    assert "task_id" in finished[0]["error_message"] or "task" in finished[0]["error_message"]
+    assert client.get(f"celery-task-meta-{victim_task}") == stored
+    assert not _marker(workspace, attack).exists()
+    client.close()
