@@ -104,8 +104,10 @@ def test_every_stage_lands_for_each_outcome(tmp_path: Path) -> None:
             # event ids are time-ordered (UUIDv7)
             ids = [r["event_id"] for r in ok]
             assert ids == sorted(ids)
-            versions = db.query("SELECT version FROM actionfleet.schema_migrations").rows
-            assert versions == [[1]]
+            versions = db.query(
+                "SELECT version FROM actionfleet.schema_migrations ORDER BY version"
+            ).rows
+            assert versions == [[1], [2]]
 
 
 # ------------------------------------------------------------------- exactly once

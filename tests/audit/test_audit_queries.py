@@ -227,10 +227,10 @@ def test_cli_queries_while_the_ingester_holds_the_store(tmp_path: Path) -> None:
 def test_schema_is_versioned_and_retention_configurable(tmp_path: Path) -> None:
     client = connect(f"chdb://{tmp_path}/store")
     try:
-        assert migrate(client, retention_days=365) == 1
-        assert migrate(client, retention_days=30) == 1  # no re-run, TTL reconciled
+        assert migrate(client, retention_days=365) == 2
+        assert migrate(client, retention_days=30) == 2  # no re-run, TTL reconciled
         versions = client.query("SELECT version FROM actionfleet.schema_migrations").result_rows
-        assert versions == [(1,)]
+        assert sorted(versions) == [(1,), (2,)]
         for table in ("audit_events", "action_results"):
             engine = client.query(
                 "SELECT engine_full, partition_key FROM system.tables "
@@ -246,6 +246,38 @@ def test_schema_is_versioned_and_retention_configurable(tmp_path: Path) -> None:
             ).result_rows
         )
         assert cols["tenant_id"] == "LowCardinality(String)"
+        assert cols["key_id"] == "LowCardinality(String)"
         assert cols["gen_ai.tool.name"] == "String"  # OpenTelemetry alias of primitive
+    finally:
+        client.close()
+
+
+def test_a_version_1_store_is_upgraded_with_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store made before producer keys: v2 adds key_id to both tables and to the view
+    that fills action_results, and keeps every row."""
+    import audit.store
+    from audit.schema import MIGRATIONS
+
+    client = connect(f"chdb://{tmp_path}/store")
+    finished = (
+        "INSERT INTO actionfleet.audit_events (event_id, event_time, stage, status, action_id,"
+        " tenant_id, schema_version{extra}) VALUES (generateUUIDv4(), now64(6), 'finished',"
+        " 'succeeded', {action}, 'acme', 1{extra_value})"
+    )
+    try:
+        monkeypatch.setattr(audit.store, "MIGRATIONS", MIGRATIONS[:1])
+        assert migrate(client) == 1
+        client.command(finished.format(extra="", action="'old'", extra_value=""))
+        monkeypatch.setattr(audit.store, "MIGRATIONS", MIGRATIONS)
+        assert migrate(client) == 2
+        client.command(
+            finished.format(extra=", key_id", action="'new'", extra_value=", 'k0123456789abcdef'")
+        )
+        rows = client.query(
+            "SELECT action_id, key_id FROM actionfleet.action_results ORDER BY action_id"
+        ).result_rows
+        assert rows == [("new", "k0123456789abcdef"), ("old", "")]
     finally:
         client.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
@@ -83,10 +84,17 @@ class KeyRecord:
         return data
 
 
+# Names as the message contract allows them, with * and ? as wildcards: the same pattern
+# means the same in fnmatch (the worker's check) and in a Redis ACL key glob.
+_PATTERN = re.compile(r"^[A-Za-z0-9*?][A-Za-z0-9._:@/*?-]{0,127}$")
+
+
 def _check_pattern(name: str, pattern: str) -> str:
     pattern = pattern.strip()
-    if not pattern or len(pattern) > 128 or any(c.isspace() for c in pattern):
-        raise ValueError(f"{name} must be a name or a pattern like 'researcher-*', not {pattern!r}")
+    if not _PATTERN.match(pattern):
+        raise ValueError(
+            f"{name} must be a name or a pattern with * and ? like 'researcher-*', not {pattern!r}"
+        )
     return pattern
 
 

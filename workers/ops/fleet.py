@@ -49,12 +49,20 @@ def free_port() -> int:
 
 
 def redis_argv(
-    exe: str, port: int, directory: Path | None = None, *, appendonly: bool = False
+    exe: str,
+    port: int,
+    directory: Path | None = None,
+    *,
+    appendonly: bool = False,
+    aclfile: Path | None = None,
 ) -> list[str]:
-    """A redis-server on loopback only, no RDB snapshots; AOF only when asked for."""
+    """A redis-server on loopback only, no RDB snapshots; AOF only when asked for; its
+    users from ``aclfile`` when given."""
     argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     if directory is not None:
         argv += ["--dir", str(directory)]
+    if aclfile is not None:
+        argv += ["--aclfile", str(aclfile)]
     return [*argv, "--appendonly", "yes" if appendonly else "no"]
 
 
@@ -144,8 +152,21 @@ def fleet_status(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
         "broker": "ok",
         "workers": workers,
         "queues": depths,
-        "fleet": read_fleet_file(settings),
+        "fleet": _shown(read_fleet_file(settings)),
     }
+
+
+def _shown(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """fleet.json as ``status`` prints it: no key, no password."""
+    if info is None:
+        return None
+    from kombu.utils.url import maybe_sanitize_url
+
+    shown = {k: v for k, v in info.items() if k != "operator_key"}
+    for name in ("broker_url", "admin_url"):
+        if isinstance(shown.get(name), str):
+            shown[name] = maybe_sanitize_url(shown[name])
+    return shown
 
 
 def stop_fleet(settings: Settings, timeout: float = 60.0) -> bool:
@@ -200,6 +221,7 @@ class Fleet:
     flower_child: _Child | None = None
     metrics: Any = None  # workers.ops.metrics.MetricsServer
     operator_key_id: str | None = None
+    worker_url: str | None = None  # the workers' Redis user, when `up` made the users
     _stopping: bool = False
 
     # -- start ------------------------------------------------------------------------
@@ -211,14 +233,31 @@ class Fleet:
         port = free_port()
         data = self.settings.home / "redis"
         data.mkdir(parents=True, exist_ok=True)
+        url = f"redis://127.0.0.1:{port}/0"
+        aclfile = None
+        if self.settings.auth == "required":
+            # Users of their own for the operator, the workers and each producer key:
+            # the default user is off (workers/auth/acl.py).
+            from producer.config import with_credentials
+            from workers.auth.acl import (
+                ADMIN_USER,
+                WORKER_USER,
+                ServicePasswords,
+                service_acl_lines,
+            )
+
+            passwords = ServicePasswords()
+            aclfile = (data / "users.acl").resolve()
+            write_private(aclfile, "\n".join(service_acl_lines(passwords)) + "\n")
+            self.worker_url = with_credentials(url, WORKER_USER, passwords.worker)
+            url = with_credentials(url, ADMIN_USER, passwords.admin)
         self.redis = _Child(
             "redis",
-            redis_argv(exe, port, data.resolve()),
+            redis_argv(exe, port, data.resolve(), aclfile=aclfile),
             self.settings.home / "logs" / "redis.log",
             dict(os.environ),
         )
         self.redis.start()
-        url = f"redis://127.0.0.1:{port}/0"
         self._wait(lambda: self._redis_ping(url), 15, "redis-server to answer")
         return url
 
@@ -233,7 +272,7 @@ class Fleet:
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["ACTIONFLEET_BROKER_URL"] = self.broker_url
+        env["ACTIONFLEET_BROKER_URL"] = self.worker_url or self.broker_url
         env["ACTIONFLEET_HOME"] = str(self.settings.home.resolve())
         return env
 
@@ -283,7 +322,9 @@ class Fleet:
                 "use `actionfleet down` first or another ACTIONFLEET_HOME"
             )
         self.broker_url = self.settings.broker_url or self._start_redis()
-        self.say(f"broker: {self.broker_url}")
+        from kombu.utils.url import maybe_sanitize_url
+
+        self.say(f"broker: {maybe_sanitize_url(self.broker_url)}")  # never a password
         operator = self._operator_key()
         self.ingester = self._ingester()
         self.ingester.start()
@@ -325,14 +366,28 @@ class Fleet:
 
         client = redis.Redis.from_url(self.settings.limits_redis_url or self.broker_url)
         try:
-            record, key = KeyStore(client).create(
+            store = KeyStore(client)
+            record, key = store.create(
                 "*", "*", description=f"operator key of `actionfleet up` (pid {os.getpid()})"
             )
+            if self.worker_url is not None:  # our Redis, with ACL users: the key's own
+                from workers.auth.acl import apply_producer_users
+
+                apply_producer_users(client, store.list())
         finally:
             client.close()
         self.operator_key_id = record.key_id
         self.say(f"auth: required; operator key {record.key_id} in fleet.json (owner only)")
-        return {"auth": "required", "operator_key": key.secret(), "operator_key_id": record.key_id}
+        info: dict[str, Any] = {
+            "auth": "required",
+            "operator_key": key.secret(),
+            "operator_key_id": record.key_id,
+        }
+        if self.worker_url is not None:
+            # broker_url is the admin's (operator commands); a producer reading this file
+            # logs in as its key's ACL user instead (ActionClient, broker_auth "key").
+            info |= {"admin_url": self.broker_url, "broker_auth": "key", "redis_acl": True}
+        return info
 
     def _start_ops(self) -> dict[str, Any]:
         """The metrics endpoint (always) and Flower (``--flower``); their URLs for fleet.json."""

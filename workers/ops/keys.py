@@ -57,43 +57,84 @@ def _shown_once(secret: str) -> None:
     )
 
 
+def _sync_acl(store: Any, quiet: bool = False) -> dict[str, int] | None:
+    """Bring the producers' Redis users in line with the keys, when this Redis enforces
+    ACLs and we are its admin (``up``'s fleet, or ACTIONFLEET_ADMIN_URL as af-admin)."""
+    import redis
+
+    from workers.auth.acl import ADMIN_USER, apply_producer_users
+
+    try:
+        whoami = store.client.execute_command("ACL WHOAMI")
+    except redis.ResponseError:  # a user without even that right: certainly not the admin
+        whoami = b""
+    if (whoami.decode() if isinstance(whoami, bytes) else whoami) != ADMIN_USER:
+        if not quiet:
+            print(
+                f"note: not connected as {ADMIN_USER}: Redis ACL users left as they are "
+                "(docs/security.md)",
+                file=sys.stderr,
+            )
+        return None
+    return apply_producer_users(store.client, store.list())
+
+
 def _cmd_keys(args: argparse.Namespace) -> int:
     store = _store()
     try:
-        if args.keys_cmd == "create":
-            primitives = [p for p in args.primitives.split(",") if p.strip()]
-            try:
-                record, key = store.create(args.tenant, args.agent, primitives, args.description)
-            except ValueError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
-            _print({**record.public(), "secret": key.secret()})
-            _shown_once(key.secret())
-            return 0
-        if args.keys_cmd == "list":
-            records = store.list()
-            if not args.all:
-                records = [r for r in records if r.usable()]
-            _print([r.public() for r in records])
-            return 0
-        if args.keys_cmd == "rotate":
-            try:
-                new, key, old = store.rotate(args.key_id, args.grace)
-            except (KeyError, ValueError) as exc:
-                print(f"error: {exc.args[0]}", file=sys.stderr)
-                return 1
-            _print({**new.public(), "secret": key.secret(), "replaces": old.public()})
-            _shown_once(key.secret())
-            return 0
+        if args.keys_cmd == "acl":
+            from workers.auth.acl import producer_rules
+
+            if args.print:
+                for r in store.list():
+                    if r.usable():
+                        print(f"user p-{r.key_id} " + " ".join(producer_rules(r)[1:]))
+                return 0
+            synced = _sync_acl(store)
+            _print(synced or {"users": 0, "removed": 0, "managed": False})
+            return 0 if synced is not None else 1
         try:
-            record = store.revoke(args.key_id)
-        except KeyError as exc:
-            print(f"error: {exc.args[0]}", file=sys.stderr)
-            return 1
-        _print(record.public())
-        return 0
+            return _change(store, args)
+        finally:
+            if args.keys_cmd in ("create", "rotate", "revoke"):
+                _sync_acl(store, quiet=True)
     finally:
         store.client.close()
+
+
+def _change(store: Any, args: argparse.Namespace) -> int:
+    if args.keys_cmd == "create":
+        primitives = [p for p in args.primitives.split(",") if p.strip()]
+        try:
+            record, key = store.create(args.tenant, args.agent, primitives, args.description)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        _print({**record.public(), "secret": key.secret()})
+        _shown_once(key.secret())
+        return 0
+    if args.keys_cmd == "list":
+        records = store.list()
+        if not args.all:
+            records = [r for r in records if r.usable()]
+        _print([r.public() for r in records])
+        return 0
+    if args.keys_cmd == "rotate":
+        try:
+            new, key, old = store.rotate(args.key_id, args.grace)
+        except (KeyError, ValueError) as exc:
+            print(f"error: {exc.args[0]}", file=sys.stderr)
+            return 1
+        _print({**new.public(), "secret": key.secret(), "replaces": old.public()})
+        _shown_once(key.secret())
+        return 0
+    try:
+        record = store.revoke(args.key_id)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 1
+    _print(record.public())
+    return 0
 
 
 def add_keys_parser(subparsers: Any) -> None:
@@ -132,4 +173,12 @@ def add_keys_parser(subparsers: Any) -> None:
     )
     v = sub.add_parser("revoke", help="refuse the key's actions from now on")
     v.add_argument("key_id")
+    a = sub.add_parser(
+        "acl",
+        help="make the producers' Redis ACL users match the keys (or --print them)",
+        description="Each usable key gets a Redis user that may only push to the action "
+        "queues and read its tenant's results; revoked and expired keys lose theirs. "
+        "create, rotate and revoke do this by themselves when connected as af-admin.",
+    )
+    a.add_argument("--print", action="store_true", help="print ACL file lines instead")
     p.set_defaults(func=_cmd_keys)
