@@ -113,7 +113,14 @@ def celery_worker(
     from celery import Celery
 
     name = f"bench-{queue}-{os.getpid()}{tag}@localhost"
-    env = dict(os.environ, ACTIONFLEET_BROKER_URL=broker_url, PYTHONPATH=str(ROOT), **env_extra)
+    # Unsigned actions unless a benchmark asks otherwise (auth_overhead.py measures auth).
+    env = {
+        **os.environ,
+        "ACTIONFLEET_AUTH": "off",
+        "ACTIONFLEET_BROKER_URL": broker_url,
+        "PYTHONPATH": str(ROOT),
+        **env_extra,
+    }
     log = Path(tempfile.mkdtemp()) / "worker.log"
     from workers.ops.fleet import celery_worker_argv
 

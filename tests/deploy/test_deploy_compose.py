@@ -311,7 +311,27 @@ def test_compose_stack_runs_one_action_per_primitive(
         assert up.returncode == 0, up.stderr[-3000:]
         _wait_healthy(dc, [f"worker-{p}" for p in primitives])
 
-        client = ActionClient(broker, settings=Settings(broker_url=broker), primitives=PRIMITIVES)
+        # Workers require signed actions (the default): a producer key, made as an
+        # operator would, inside the deployment.
+        made = dc(
+            "exec",
+            "-T",
+            "worker-files",
+            "actionfleet",
+            "keys",
+            "create",
+            "--tenant",
+            "*",
+            "--description",
+            "compose smoke test",
+            timeout=60,
+        )
+        assert made.returncode == 0, made.stderr[-2000:]
+        key = json.loads(made.stdout)["secret"]
+
+        client = ActionClient(
+            broker, settings=Settings(broker_url=broker), primitives=PRIMITIVES, key=key
+        )
         try:
             actions = _actions(http_peer)
             results = {p: client.run(actions[p], timeout=120) for p in primitives}
@@ -326,7 +346,7 @@ def test_compose_stack_runs_one_action_per_primitive(
             assert len(received) == 1 and received[0].rcpt_tos == ["ops@example.com"]
         # A file written by the files container, read by a sandbox of the code container.
         if "files" in results:
-            client = ActionClient(broker, settings=Settings(broker_url=broker))
+            client = ActionClient(broker, settings=Settings(broker_url=broker), key=key)
             try:
                 src = "print(open('/workspace/smoke/hello.txt').read())"
                 ws = client.run(
