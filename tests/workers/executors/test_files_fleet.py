@@ -117,7 +117,8 @@ def test_the_worker_log_names_the_action_not_its_output(
     deadline, lines = time.monotonic() + 30, []
     while time.monotonic() < deadline and not lines:
         text = worker.log.read_text()
-        lines = [ln for ln in text.splitlines() if f"[{result.action_id}] succeeded" in ln]
+        task = f"[acme+{result.action_id}] succeeded"  # the task id: tenant+action id
+        lines = [ln for ln in text.splitlines() if task in ln]
         time.sleep(0.1)
     assert lines, worker.tail()
     assert f"'action_id': '{result.action_id}'" in lines[0], lines
