@@ -20,11 +20,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
 from producer.client import ActionClient
 from producer.models import PRIMITIVES, queue_for
+from producer.transport import task_id_for
 from tests.conftest import (
     ROOT,
     TEST_POLICY,
@@ -198,7 +200,8 @@ def test_browser_sees_queues_workers_and_a_succeeded_task(up_fleet: UpFleet) -> 
             assert result.status == "succeeded", result
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                page.goto(base + f"task/{result.action_id}", wait_until="networkidle")
+                task_id = task_id_for("acme", result.action_id)  # the Celery task id
+                page.goto(base + f"task/{quote(task_id)}", wait_until="networkidle")
                 text = page.inner_text("body")
                 if "SUCCESS" in text:
                     break
