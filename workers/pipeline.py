@@ -23,6 +23,7 @@ from producer.errors import (
     DeadlinePassed,
     InternalError,
     InvalidAction,
+    Unauthenticated,
     ValidationError_,
 )
 from producer.models import ActionResult
@@ -128,12 +129,17 @@ class Pipeline:
                 field="task_id",
             )
         if self.auth is not None:
-            # Before anything of the action is trusted: who sent it, and may they.
+            # Before anything of the action is trusted: who sent it, and may they. The
+            # replay check rides in the admission round trip below when there is one.
             try:
-                self.auth.authenticate(action, ctx.raw)
+                identity = self.auth.authenticate(
+                    action, ctx.raw, defer_nonce=self.reliability is not None
+                )
             except ActionError as exc:
                 self._emit("policy", ctx, decision="deny", reason=exc.message)
                 raise
+            if identity is not None and identity.nonce is not None:
+                ctx.extra["_nonce"] = identity.nonce
         if action.primitive != ctx.primitive:
             raise ValidationError_(
                 f"a {action.primitive!r} action arrived on queue {ctx.queue!r}; "
@@ -158,7 +164,11 @@ class Pipeline:
             raise
         self._emit("policy", ctx, decision="allow", reason=grant.reason)
         if self.reliability is not None:
-            self.reliability.admit(ctx, action, grant)
+            try:
+                self.reliability.admit(ctx, action, grant)
+            except Unauthenticated as exc:  # the deferred replay check refused it
+                self._emit("policy", ctx, decision="deny", reason=exc.message)
+                raise
         for m in self.middleware:
             m.before_execute(ctx)
         executor = self.executors.get(action.primitive)

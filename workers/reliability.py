@@ -209,7 +209,9 @@ class Reliability:
         if not state.quota_counted:
             counters = QuotaCounter.counters(action, limits.quota)
         ttl_ms = self.idempotency.lease_ms
+        nonce = ctx.extra.pop("_nonce", None)  # workers.auth.verify.NonceCheck
         verdict = self.scripts.admit(
+            nonce=None if nonce is None else (nonce.key, nonce.action_id, nonce.fresh, nonce.ttl_s),
             claim=(idem_key, owner, ttl_ms),
             rate=(buckets, not fail_fast),
             lease=None if lease is None else (lease.key, owner, limit or 0, ttl_ms),
@@ -218,6 +220,9 @@ class Reliability:
             else ([(k, n) for _, k, n in counters.scoped], counters.expire_at),
         )
         outcome = verdict.outcome
+        if outcome in ("replay", "stale"):
+            assert nonce is not None
+            raise nonce.refusal(outcome)
         if outcome == "done":
             raise Duplicate(json.loads(verdict.result))
         if outcome == "busy":

@@ -20,8 +20,9 @@ without running it again. Nonce records outlive the skew window, so a message wh
 record has lapsed is always refused by its timestamp.
 
 Cost: the key record is cached per process for ``cache_s`` (so a revocation takes effect
-within that time), the signature check is one Ed25519 verification, and the nonce is one
-Redis round trip.
+within that time), the signature check is one Ed25519 verification, and the nonce check
+rides in the pipeline's one admission round trip (``workers.guarantees.admission``,
+section 0) when there is one, or is a round trip of its own.
 """
 
 from __future__ import annotations
@@ -39,18 +40,63 @@ from producer.errors import PolicyDenied, Unauthenticated
 from producer.models import Action
 from workers.auth.keys import KeyRecord, KeyStore
 
-__all__ = ["NONCE_PREFIX", "Authenticator", "Identity"]
+__all__ = ["NONCE_PREFIX", "Authenticator", "Identity", "NonceCheck"]
 
 log = logging.getLogger(__name__)
 NONCE_PREFIX = "af:auth:nonce"
 
 
 @dataclass(frozen=True, slots=True)
+class NonceCheck:
+    """The replay check of one delivery: record ``action_id`` under ``key`` when the
+    signature is ``fresh`` (inside the skew window); refuse when another action holds the
+    nonce, or when it is unknown and the signature is not fresh."""
+
+    key: str
+    key_id: str
+    nonce: str
+    action_id: str
+    fresh: bool
+    ttl_s: int
+    ts: int
+    skew_s: float
+
+    def run(self, client: redis.Redis) -> None:
+        """The check as a round trip of its own (no admission script to ride in)."""
+        if self.fresh:
+            seen = client.set(self.key, self.action_id, nx=True, get=True, ex=self.ttl_s)
+        else:
+            seen = client.get(self.key)
+        if seen is not None and seen.decode() != self.action_id:
+            raise self.refusal("replay")
+        if seen is None and not self.fresh:
+            raise self.refusal("stale")
+
+    def refusal(self, outcome: str) -> Unauthenticated:
+        if outcome == "replay":
+            return Unauthenticated(
+                f"nonce {self.nonce} of key {self.key_id} was already used by another action: "
+                "a replayed or forged message; every signature needs a fresh nonce",
+                reason="replay",
+                key_id=self.key_id,
+            )
+        signed = datetime.fromtimestamp(self.ts / 1000, UTC).isoformat()
+        return Unauthenticated(
+            f"the action was signed at {signed}, more than {self.skew_s:.0f} s from this "
+            "worker's clock: check the producer's clock and send it again",
+            reason="stale_timestamp",
+            key_id=self.key_id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Identity:
-    """Who an accepted action came from."""
+    """Who an accepted action came from; ``nonce``: its replay check, still to run in the
+    admission script (``authenticate(defer_nonce=True)``)."""
 
     key_id: str
     record: KeyRecord
+    nonce: NonceCheck | None = None
 
 
 class Authenticator:
@@ -88,10 +134,17 @@ class Authenticator:
         return record
 
     def authenticate(
-        self, action: Action, raw: dict[str, Any], now: datetime | None = None
+        self,
+        action: Action,
+        raw: dict[str, Any],
+        now: datetime | None = None,
+        *,
+        defer_nonce: bool = False,
     ) -> Identity | None:
         """The sender's identity, or None when the fleet runs with auth off. Raises
-        ``Unauthenticated`` or ``PolicyDenied``; nothing of the action has run then."""
+        ``Unauthenticated`` or ``PolicyDenied``; nothing of the action has run then. With
+        ``defer_nonce`` the replay check is returned (``Identity.nonce``) for the caller's
+        admission round trip instead of being made here."""
         if not self.required:
             return None
         proof = action.auth
@@ -134,7 +187,6 @@ class Authenticator:
                 reason="bad_signature",
                 key_id=key_id,
             )
-        self._check_fresh(action, key_id, proof.ts, proof.nonce, when)
         outside = record.allows(action.tenant_id, action.agent_id, action.primitive)
         if outside is not None:
             raise PolicyDenied(
@@ -142,28 +194,17 @@ class Authenticator:
                 reason="key_scope",
                 key_id=key_id,
             )
+        check = NonceCheck(
+            key=f"{NONCE_PREFIX}:{key_id}:{proof.nonce}",
+            key_id=key_id,
+            nonce=proof.nonce,
+            action_id=action.action_id,
+            fresh=abs(int(when.timestamp() * 1000) - proof.ts) <= self.skew_ms,
+            ttl_s=self.nonce_ttl_s,
+            ts=proof.ts,
+            skew_s=self.skew_ms / 1000,
+        )
+        if defer_nonce:
+            return Identity(key_id, record, check)
+        check.run(self.client)
         return Identity(key_id, record)
-
-    def _check_fresh(self, action: Action, key_id: str, ts: int, nonce: str, now: datetime) -> None:
-        key = f"{NONCE_PREFIX}:{key_id}:{nonce}"
-        skew_ms = abs(int(now.timestamp() * 1000) - ts)
-        if skew_ms <= self.skew_ms:
-            seen = self.client.set(key, action.action_id, nx=True, get=True, ex=self.nonce_ttl_s)
-        else:
-            seen = self.client.get(key)
-            if seen is None:
-                signed = datetime.fromtimestamp(ts / 1000, UTC).isoformat()
-                raise Unauthenticated(
-                    f"the action was signed at {signed}, {skew_ms / 1000:.0f} s from this "
-                    f"worker's clock (at most {self.skew_ms / 1000:.0f} s allowed): check the "
-                    "producer's clock and send it again",
-                    reason="stale_timestamp",
-                    key_id=key_id,
-                )
-        if seen is not None and seen.decode() != action.action_id:
-            raise Unauthenticated(
-                f"nonce {nonce} of key {key_id} was already used by another action: a "
-                "replayed or forged message; every signature needs a fresh nonce",
-                reason="replay",
-                key_id=key_id,
-            )

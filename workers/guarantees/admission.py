@@ -2,6 +2,9 @@
 
 ``ADMIT`` runs, atomically and in this order, whichever sections the caller sends:
 
+  0. nonce   -- a signed action's nonce (``workers.auth.verify``): recorded with the
+                action id when new and fresh; refused when another action used it
+                (replay), or when it is unknown and the signature is too old (stale).
   1. claim   -- the idempotency record: completed -> its stored result; held by another
                 delivery -> busy (with the time left on its lease); else claim it.
   2. rate    -- GCRA over every bucket at once (see ``workers.guarantees.limits``); over the limit
@@ -38,18 +41,32 @@ __all__ = ["ADMIT", "SETTLE", "Scripts", "Verdict", "settle_args"]
 # the action fails: about what the result store waits (workers/app.py, Celery's retries).
 PATIENCE_S = 60.0
 
-# KEYS: [claim] [rate buckets...] [lease set] [quota counters...]
-# ARGV[1]: how many keys each section has, "<claim 0|1> <rate n> <lease 0|1> <quota n>"
-# (one argument: every argument costs the client encoding work), then each present
-# section's arguments in that order:
+# KEYS: [claim] [rate buckets...] [lease set] [quota counters...] [nonce]
+# ARGV[1]: how many keys each section has, "<claim 0|1> <rate n> <lease 0|1> <quota n>
+# [<nonce 0|1>]" (one argument: every argument costs the client encoding work), then each
+# present section's arguments in that order:
 #   claim: owner, claim_ms          rate: reserve (0|1), then interval_us, tolerance_us
 #   lease: limit, lease id, ttl_ms  quota: expire_at (unix s), then one limit per counter
+#   nonce (last): action id, fresh (0|1), ttl_s
 # Returns {'ok'} | {'done', result} | {'busy', ms} | {'rate', us} | {'conc', ms}
-#       | {'quota', 1-based counter index, used}.
+#       | {'quota', 1-based counter index, used} | {'replay'} | {'stale'}.
 ADMIT = """
-local n_claim, n_rate, n_lease, n_quota = string.match(ARGV[1], '^(%d) (%d+) (%d) (%d+)$')
+local n_claim, n_rate, n_lease, n_quota, n_nonce =
+  string.match(ARGV[1], '^(%d) (%d+) (%d) (%d+) ?(%d?)$')
 n_claim, n_rate, n_lease, n_quota = tonumber(n_claim), tonumber(n_rate), tonumber(n_lease),
   tonumber(n_quota)
+if n_nonce == '1' then
+  -- First: a replayed or stale message must not even see the idempotency record.
+  local nonce, id, fresh = KEYS[#KEYS], ARGV[#ARGV - 2], ARGV[#ARGV - 1]
+  local seen
+  if fresh == '1' then
+    seen = redis.call('SET', nonce, id, 'NX', 'GET', 'EX', ARGV[#ARGV])
+  else
+    seen = redis.call('GET', nonce)
+  end
+  if seen and seen ~= id then return {'replay'} end
+  if (not seen) and fresh ~= '1' then return {'stale'} end
+end
 local a, k = 2, 1
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -176,7 +193,7 @@ end
 return {claimed, leased}
 """
 
-Outcome = Literal["ok", "done", "busy", "rate", "conc", "quota"]
+Outcome = Literal["ok", "done", "busy", "rate", "conc", "quota", "replay", "stale"]
 ClaimOp = Literal["", "c", "r", "n"]
 LeaseOp = Literal["", "x", "n"]
 
@@ -216,10 +233,12 @@ class Scripts:
         rate: tuple[Sequence[tuple[str, int, int]], bool] | None = None,
         lease: tuple[str, str, int, int] | None = None,
         quota: tuple[Sequence[tuple[str, int]], int] | None = None,
+        nonce: tuple[str, str, bool, int] | None = None,
     ) -> Verdict:
         """``claim``: (key, owner, claim_ms); ``rate``: ([(key, interval_us, tolerance_us)],
         reserve); ``lease``: (key, lease id, limit, ttl_ms); ``quota``: ([(key, limit)],
-        expire_at). Absent or empty sections are skipped."""
+        expire_at); ``nonce``: (key, action id, fresh, ttl_s). Absent or empty sections
+        are skipped."""
         keys: list[str] = []
         args: list[int | str] = [""]  # the layout, below
         n_claim = n_rate = n_lease = n_quota = 0
@@ -244,12 +263,18 @@ class Scripts:
                 keys.append(key)
                 args.append(limit)
         args[0] = f"{n_claim} {n_rate} {n_lease} {n_quota}"
+        if nonce is not None:
+            keys.append(nonce[0])
+            args += [nonce[1], 1 if nonce[2] else 0, nonce[3]]
+            args[0] += " 1"
         reply = self._admit(keys=keys, args=args)
         outcome = _text(reply[0])
         if outcome == "ok":
             return _OK
         if outcome == "done":
             return Verdict("done", result=reply[1])
+        if outcome in ("replay", "stale"):
+            return Verdict(outcome)  # type: ignore[arg-type]
         return Verdict(
             outcome,  # type: ignore[arg-type]
             value=int(reply[1]),

@@ -126,9 +126,11 @@ def _refused(
     assert result.error.details["reason"] == reason, result.error
     assert not _marker(workspace, message).exists(), "a refused action ran"
     rows = _wait_audit(url, message["action_id"])
-    policy = [r for r in rows if r["stage"] == "policy"]
-    assert policy and policy[0]["policy_decision"] == "deny", rows
-    assert result.error.message in policy[0]["policy_reason"]
+    # A replay or a stale signature is refused at admission, after policy allowed it:
+    # its trace shows that allow, then the deny.
+    denies = [r for r in rows if r["stage"] == "policy" and r["policy_decision"] == "deny"]
+    assert len(denies) == 1, rows
+    assert result.error.message in denies[0]["policy_reason"]
     claimed = (message.get("auth") or {}).get("key_id", "")
     assert {r["key_id"] for r in rows} == {claimed}, rows
     assert not any(r["stage"] == "started" for r in rows), rows
@@ -331,4 +333,34 @@ def test_a_message_cannot_write_its_result_over_another_tenants(
     assert "task_id" in finished[0]["error_message"] or "task" in finished[0]["error_message"]
     assert client.get(f"celery-task-meta-{victim_task}") == stored
     assert not _marker(workspace, attack).exists()
+    client.close()
+
+
+def test_the_replay_check_on_its_own_round_trip(fleet: tuple[str, Path, Worker]) -> None:
+    """Without an admission script (a pipeline without the reliability guard) the
+    authenticator makes the same nonce checks itself."""
+    from producer.errors import Unauthenticated
+    from producer.validation import parse_action
+    from workers.auth.verify import Authenticator
+
+    client = redis.Redis.from_url(fleet[0])
+    auth = Authenticator(client, cache_s=0)
+    _, key = KeyStore(client).create("acme", "*", ["files"])
+    first = key.sign(_write())
+    assert auth.authenticate(parse_action(first), first) is not None
+    # The same action again (a redelivery), even long after: accepted.
+    later = datetime.now(UTC) + timedelta(hours=2)
+    assert auth.authenticate(parse_action(first), first, later) is not None
+    reuse = key.sign(_write(), nonce=first["auth"]["nonce"])
+    with pytest.raises(Unauthenticated) as replay:
+        auth.authenticate(parse_action(reuse), reuse)
+    assert replay.value.details["reason"] == "replay"
+    an_hour_ago = int((datetime.now(UTC) - timedelta(hours=1)).timestamp() * 1000)
+    old = key.sign(_write(), now_ms=an_hour_ago)
+    with pytest.raises(Unauthenticated) as stale:
+        auth.authenticate(parse_action(old), old)
+    assert stale.value.details["reason"] == "stale_timestamp"
+    fresh = key.sign(_write())
+    deferred = auth.authenticate(parse_action(fresh), fresh, defer_nonce=True)
+    assert deferred is not None and deferred.nonce is not None and deferred.nonce.fresh
     client.close()
