@@ -39,7 +39,12 @@ from workers.ops.fleet import free_port
 COMPOSE = ROOT / "docker-compose.yml"
 LOCAL = ROOT / "deploy" / "docker-compose.local.yml"
 WORKERS = [f"worker-{p}" for p in PRIMITIVES]
-SECRETS = {"CLICKHOUSE_PASSWORD": "ch-test-pw", "ACTIONFLEET_FLOWER_PASSWORD": "fl-test-pw"}
+SECRETS = {
+    "CLICKHOUSE_PASSWORD": "ch-test-pw",
+    "ACTIONFLEET_FLOWER_PASSWORD": "fl-test-pw",
+    "AF_REDIS_ADMIN_PASSWORD": "admin-test-pw",
+    "AF_REDIS_WORKER_PASSWORD": "worker-test-pw",
+}
 
 
 def compose_exe() -> str:
@@ -101,6 +106,14 @@ def test_compose_file_validates_with_docker_compose_v1() -> None:
         ), binds
     redis_cmd = text(services["redis"]["command"])
     assert "--maxmemory-policy noeviction" in redis_cmd and "--appendonly yes" in redis_cmd
+    # Redis starts with the fleet's ACL users; every service logs in as af-worker.
+    assert services["redis"]["entrypoint"] == ["sh", "/etc/actionfleet/redis-start.sh"]
+    assert "--user af-worker" in text(services["redis"]["healthcheck"]["test"])
+    for name, svc in services.items():
+        env = svc.get("environment") or {}
+        if "ACTIONFLEET_BROKER_URL" in env:
+            assert env["ACTIONFLEET_BROKER_URL"].startswith("redis://af-worker:"), name
+            assert env["ACTIONFLEET_AUTH"] == "required", name
     assert services["clickhouse"]["image"].startswith("clickhouse/clickhouse-server:")
     for name, svc in services.items():
         assert svc["restart"] == "unless-stopped", name
@@ -137,7 +150,7 @@ def test_compose_refuses_to_start_without_passwords() -> None:
         check=False,
     )
     assert out.returncode != 0
-    assert "CLICKHOUSE_PASSWORD" in out.stderr or "ACTIONFLEET_FLOWER_PASSWORD" in out.stderr
+    assert any(name in out.stderr for name in SECRETS), out.stderr
 
 
 def test_local_override_validates() -> None:
@@ -153,8 +166,9 @@ def test_local_override_validates() -> None:
     assert ingester["ACTIONFLEET_CLICKHOUSE_DSN"] == "chdb:///var/lib/actionfleet/audit"
     for name in WORKERS:
         env = services[name]["environment"]
-        assert env["ACTIONFLEET_BROKER_URL"] == "redis://127.0.0.1:16380/0", name
+        assert env["ACTIONFLEET_BROKER_URL"] == "redis://af-worker:worker-test-pw@127.0.0.1:16380/0"
     assert "--bind 127.0.0.1 --port 16380" in text(services["redis"]["command"])
+    assert services["redis"]["entrypoint"] == ["sh", "/etc/actionfleet/redis-start.sh"]
 
 
 # ---------------------------------------------------------------------------------- smoke
@@ -313,9 +327,13 @@ def test_compose_stack_runs_one_action_per_primitive(
 
         # Workers require signed actions (the default): a producer key, made as an
         # operator would, inside the deployment.
+        admin_url = f"redis://af-admin:{SECRETS['AF_REDIS_ADMIN_PASSWORD']}@127.0.0.1:"
+        admin_url += f"{ports['AF_REDIS_PORT']}/0"
         made = dc(
             "exec",
             "-T",
+            "-e",
+            f"ACTIONFLEET_ADMIN_URL={admin_url}",
             "worker-files",
             "actionfleet",
             "keys",
@@ -330,7 +348,10 @@ def test_compose_stack_runs_one_action_per_primitive(
         key = json.loads(made.stdout)["secret"]
 
         client = ActionClient(
-            broker, settings=Settings(broker_url=broker), primitives=PRIMITIVES, key=key
+            broker,
+            settings=Settings(broker_url=broker, broker_auth="key"),
+            primitives=PRIMITIVES,
+            key=key,
         )
         try:
             actions = _actions(http_peer)
@@ -346,7 +367,9 @@ def test_compose_stack_runs_one_action_per_primitive(
             assert len(received) == 1 and received[0].rcpt_tos == ["ops@example.com"]
         # A file written by the files container, read by a sandbox of the code container.
         if "files" in results:
-            client = ActionClient(broker, settings=Settings(broker_url=broker), key=key)
+            client = ActionClient(
+                broker, settings=Settings(broker_url=broker, broker_auth="key"), key=key
+            )
             try:
                 src = "print(open('/workspace/smoke/hello.txt').read())"
                 ws = client.run(
@@ -385,8 +408,14 @@ def test_compose_stack_runs_one_action_per_primitive(
         assert sorted(r["primitive"] for r in rows) == sorted(ran), rows
         assert {r["status"] for r in rows} == {"succeeded"}, rows
         # Redis persistence is on in the container (appendonly) and nothing was evicted.
-        info = redis.Redis.from_url(broker).info()
+        admin = redis.Redis.from_url(admin_url)
+        info = admin.info()
         assert info["aof_enabled"] == 1 and info["evicted_keys"] == 0
+        # The producer key's Redis user exists and was saved with the fleet's users.
+        users = {u.decode() for u in admin.execute_command("ACL USERS")}
+        assert {"af-admin", "af-worker", f"p-{json.loads(made.stdout)['key_id']}"} <= users
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(broker).ping()  # the default user is off
     finally:
         logs = dc("logs", "--tail", "40", timeout=60).stdout
         down = dc("down", "-v", "--remove-orphans", "-t", "60", timeout=300)

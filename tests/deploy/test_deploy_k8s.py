@@ -282,9 +282,9 @@ def test_overlay_changes_what_it_says() -> None:
     for so in by_kind(docs, "ScaledObject").values():
         addr = so["spec"]["triggers"][0]["metadata"]["serverAddress"]
         assert addr == "http://kube-prometheus-stack-prometheus.monitoring.svc:9090"
-    (secret,) = by_kind(docs, "Secret").values()
+    secret = by_kind(docs, "Secret")["actionfleet-secrets"]
     # The generator replaced the template's values with the env file's.
-    password = base64.b64decode(secret["data"]["REDIS_PASSWORD"]).decode()
+    password = base64.b64decode(secret["data"]["AF_REDIS_WORKER_PASSWORD"]).decode()
     assert password == "replace-with-a-long-random-value"
     assert "stringData" not in secret
 
@@ -294,3 +294,38 @@ def test_kubectl_is_the_one_from_the_venv_when_installed() -> None:
     exe = kubectl()
     if exe is not None and os.environ.get("CI"):
         assert Path(exe).parent == Path(sys.executable).parent, exe
+
+
+def _pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        f"{d['kind']}/{d['metadata']['name']}": d["spec"]["template"]["spec"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+    }
+
+
+def test_redis_starts_with_the_acl_users_and_only_it_holds_the_admin_password(
+    rendered: list[dict[str, Any]],
+) -> None:
+    import json
+
+    specs = _pod_specs(rendered)
+    redis_spec = specs["StatefulSet/redis"]
+    (redis,) = redis_spec["containers"]
+    assert redis["command"] == ["sh", "/etc/actionfleet/redis-start.sh"]
+    assert "--user af-worker" in " ".join(redis["readinessProbe"]["exec"]["command"])
+    (start,) = [v for v in redis_spec["volumes"] if v["name"] == "start"]
+    configmaps = by_kind(rendered, "ConfigMap")
+    (script_map,) = [m for n, m in configmaps.items() if n.startswith("redis-start")]
+    assert start["configMap"]["name"] == script_map["metadata"]["name"]
+    assert script_map["data"]["redis-start.sh"] == (K8S / "base" / "redis-start.sh").read_text()
+    # The admin's password: in Redis's environment, and in no other pod's.
+    for name, spec in specs.items():
+        text = json.dumps(spec)
+        if name == "StatefulSet/redis":
+            assert "AF_REDIS_ADMIN_PASSWORD" in text
+        else:
+            assert "actionfleet-redis-admin" not in text and "AF_REDIS_ADMIN" not in text, name
+    secret = by_kind(rendered, "Secret")["actionfleet-secrets"]
+    data = secret.get("stringData") or secret.get("data") or {}
+    assert "AF_REDIS_ADMIN_PASSWORD" not in data
