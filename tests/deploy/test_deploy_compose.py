@@ -412,7 +412,7 @@ def test_compose_stack_runs_one_action_per_primitive(
         info = admin.info()
         assert info["aof_enabled"] == 1 and info["evicted_keys"] == 0
         # The producer key's Redis user exists and was saved with the fleet's users.
-        users = {u.decode() for u in admin.execute_command("ACL USERS")}
+        users = {u if isinstance(u, str) else u.decode() for u in admin.acl_users()}
         assert {"af-admin", "af-worker", f"p-{json.loads(made.stdout)['key_id']}"} <= users
         with pytest.raises(redis.AuthenticationError):
             redis.Redis.from_url(broker).ping()  # the default user is off
