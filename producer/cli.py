@@ -27,7 +27,7 @@ __all__ = ["AGENT_COMMANDS", "PLUGIN_GROUP", "Registrar", "build_parser", "main"
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 # Commands served by this module alone: running one never loads a plugin.
-AGENT_COMMANDS = frozenset({"submit", "batch", "schema"})
+AGENT_COMMANDS = frozenset({"submit", "batch", "schema", "tools"})
 # Entry-point group through which the worker side adds its commands.
 PLUGIN_GROUP = "actionfleet.commands"
 # Adds subcommands to the ``actionfleet`` parser's subparsers.
@@ -86,6 +86,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
     from producer.models import action_json_schema
 
     print(json.dumps(action_json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_tools(args: argparse.Namespace) -> int:
+    from producer.tools import definitions
+
+    print(json.dumps(definitions(args.format), indent=2))
     return EXIT_OK
 
 
@@ -218,6 +225,16 @@ def build_parser(registrars: Sequence[Registrar] = ()) -> argparse.ArgumentParse
 
     p = sub.add_parser("schema", help="print the JSON Schema of the action message")
     p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser(
+        "tools",
+        help="print tool definitions of the five primitives for a model API",
+        description="run_code, browse, files, send_email, call_api: their arguments are the "
+        "primitives' payloads (the same schema as `actionfleet schema`). Turn a model's "
+        "call into an action with producer.tools.action_for (docs/mcp.md).",
+    )
+    p.add_argument("--format", choices=("openai", "anthropic", "mcp"), default="mcp")
+    p.set_defaults(func=cmd_tools)
 
     for register in registrars:
         register(sub)
