@@ -157,6 +157,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep)
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    import redis
+
+    from audit.config import audit_settings
+    from producer.auth import ProducerKey
+    from workers.auth.keys import KeyStore
+    from workers.gateway.identity import Caller
+    from workers.gateway.run import run_http, run_stdio
+    from workers.gateway.server import Gateway
+
+    settings = get_settings()
+
+    def trace(action_id: str) -> list[dict[str, Any]]:
+        from audit.reports import trace as audit_trace
+        from audit.store import open_reader
+
+        reader = open_reader(audit_settings(settings).dsn)
+        try:
+            return audit_trace(reader, action_id)
+        finally:
+            reader.close()
+
+    if args.http:
+        host, _, port = args.http.rpartition(":")
+        url = settings.resolved_admin_url()
+        if not url or not port.isdigit():
+            _eprint(
+                "error: --http HOST:PORT, and a fleet Redis (ACTIONFLEET_ADMIN_URL) to check keys"
+            )
+            return EXIT_INVALID
+        store = KeyStore(redis.Redis.from_url(url, socket_timeout=10))
+        _eprint(f"mcp: streamable HTTP on http://{host}:{port}/mcp (bearer producer keys)")
+        run_http(Gateway(key_store=store, trace=trace), host or "127.0.0.1", int(port))
+        return EXIT_OK
+    secret = settings.resolved_key()
+    if not secret or not args.tenant or not args.agent:
+        _eprint(
+            "error: over stdio the server acts for one key and agent: set ACTIONFLEET_KEY and "
+            "pass --tenant and --agent (the fleet checks the key covers them)"
+        )
+        return EXIT_INVALID
+    caller = Caller(args.tenant, args.agent, ProducerKey.parse(secret))
+    run_stdio(Gateway(stdio_caller=caller, trace=trace))
+    return EXIT_OK
+
+
 def add_commands(sub: Any) -> None:
     """Register the operator's commands on the ``actionfleet`` subparsers."""
     p = sub.add_parser("up", help="run a local fleet in the foreground until Ctrl-C")
@@ -212,6 +258,18 @@ def add_commands(sub: Any) -> None:
     )
     r.add_argument("--all", action="store_true", help="remove every ActionFleet sandbox")
     p.set_defaults(func=cmd_sandbox)
+    p = sub.add_parser(
+        "mcp",
+        help="an MCP server: the five primitives as tools (stdio, or --http HOST:PORT)",
+        description="Over stdio (a desktop agent starts it) it acts for ACTIONFLEET_KEY as "
+        "--tenant/--agent. Over HTTP each client sends its own producer key as a bearer "
+        "token (docs/mcp.md). Tools run through the fleet; the server runs nothing itself.",
+    )
+    p.add_argument("--http", default=None, metavar="HOST:PORT", help="serve streamable HTTP")
+    p.add_argument("--tenant", default=None, help="stdio: the tenant to act for")
+    p.add_argument("--agent", default=None, help="stdio: the agent id to act as")
+    p.set_defaults(func=cmd_mcp)
+
     add_audit_parser(sub)
     add_dead_parser(sub)
     add_keys_parser(sub)
