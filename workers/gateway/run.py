@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from workers.gateway.identity import AGENT_HEADER, Refused, caller_from_bearer
+from workers.gateway.identity import AGENT_HEADER, Refused
 from workers.gateway.server import Gateway
 
 __all__ = ["http_app", "run_http", "run_stdio"]
@@ -50,10 +50,8 @@ class _BearerGate:
             }
             try:
                 await anyio.to_thread.run_sync(
-                    lambda: caller_from_bearer(
-                        headers.get("authorization"),
-                        self.gateway.key_store,
-                        headers.get(AGENT_HEADER),
+                    lambda: self.gateway.resolve(
+                        headers.get("authorization"), headers.get(AGENT_HEADER)
                     )
                 )
             except Refused as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, unquote
@@ -40,6 +41,7 @@ WORKSPACE = "actionfleet://workspace/"
 ACTIONS = "actionfleet://actions/"
 _NOT_FOUND = -32002
 _TIMEOUT_S = 300.0
+_CALLER_CACHE_S = 1.0
 
 
 class Gateway:
@@ -59,6 +61,21 @@ class Gateway:
         self.trace = trace
         self._clients: dict[str, ActionClient] = {}
         self._lock = threading.Lock()
+        # Bearer -> caller for a second: a revoked key is refused within it, and a busy
+        # client does not cost a key lookup per request.
+        self._callers: dict[tuple[str | None, str | None], tuple[float, Caller]] = {}
+
+    def resolve(self, authorization: str | None, agent: str | None) -> Caller:
+        """The caller of an HTTP request (``Refused`` when not let in)."""
+        now = time.monotonic()
+        hit = self._callers.get((authorization, agent))
+        if hit is not None and now - hit[0] < _CALLER_CACHE_S:
+            return hit[1]
+        caller = caller_from_bearer(authorization, self.key_store, agent)
+        if len(self._callers) > 10_000:
+            self._callers.clear()
+        self._callers[(authorization, agent)] = (now, caller)
+        return caller
 
     # -- who is asking -----------------------------------------------------------------
 
@@ -69,10 +86,8 @@ class Gateway:
                 raise MCPError(-32001, "this server has no identity for stdio clients")
             return self.stdio_caller
         try:
-            return caller_from_bearer(
-                request.headers.get("authorization"),
-                self.key_store,
-                request.headers.get(AGENT_HEADER),
+            return self.resolve(
+                request.headers.get("authorization"), request.headers.get(AGENT_HEADER)
             )
         except Refused as exc:  # the middleware refuses first; this is the second line
             raise MCPError(-32001, str(exc)) from None
