@@ -14,7 +14,7 @@ from typing import Any
 
 from audit.events import validate
 from audit.ingest_batch import Line, StoreDown, batch_token
-from audit.schema import DATABASE, RESULTS_SELECT
+from audit.schema import DATABASE, RESULTS_COLUMNS, RESULTS_SELECT
 
 __all__ = ["EVENTS_TABLE", "already_stored", "error_code", "insert_rows", "repair_results"]
 
@@ -87,7 +87,8 @@ def repair_results(client: Any, event_ids: set[str]) -> None:
         if missing:
             wanted = ",".join(f"'{e}'" for e in missing)
             client.command(
-                f"INSERT INTO {DATABASE}.action_results {RESULTS_SELECT} "
+                f"INSERT INTO {DATABASE}.action_results ({', '.join(RESULTS_COLUMNS)}) "
+                f"{RESULTS_SELECT} "
                 f"AND event_id IN ({wanted})",
                 settings={
                     "insert_deduplication_token": "repair:"

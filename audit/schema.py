@@ -16,6 +16,7 @@ __all__ = [
     "EVENT_COLUMNS",
     "MIGRATIONS",
     "OTEL_ALIASES",
+    "RESULTS_COLUMNS",
     "RESULTS_SELECT",
     "SCHEMA_VERSION",
     "STAGES",
@@ -178,6 +179,10 @@ _RESULT_COLUMNS = [*_RESULT_COLUMNS_V1, "key_id"]
 # The row of ``action_results`` built from a ``finished`` row of ``audit_events``: used by
 # the materialized view, and by the ingester to repair a results row an ingester killed
 # between the two tables' writes of one INSERT left missing.
+# The columns of RESULTS_SELECT, in its order: an INSERT … SELECT must name them, because
+# columns added by later migrations do not sit at the end of the table (AFTER agent_id).
+RESULTS_COLUMNS = ("event_id", "finished_at", "started_at", "status", *_RESULT_COLUMNS)
+
 RESULTS_SELECT = f"""SELECT
     event_id,
     event_time AS finished_at,

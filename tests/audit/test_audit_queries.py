@@ -16,6 +16,7 @@ import pytest
 from audit import reports
 from audit.config import STREAM
 from audit.emitter import AuditMiddleware
+from audit.ingest_write import repair_results
 from audit.store import connect, migrate
 from tests.audit_fixtures import (
     ROOT,
@@ -279,5 +280,20 @@ def test_a_version_1_store_is_upgraded_with_its_rows(
             "SELECT action_id, key_id FROM actionfleet.action_results ORDER BY action_id"
         ).result_rows
         assert rows == [("new", "k0123456789abcdef"), ("old", "")]
+        # The ingester's repair of a results row lost to a kill writes the upgraded table
+        # too (columns by name: key_id is not the table's last column).
+        (event_id,) = client.query(
+            "SELECT toString(event_id) FROM actionfleet.audit_events WHERE action_id = 'new'"
+        ).result_rows[0]
+        client.command(
+            "DELETE FROM actionfleet.action_results WHERE action_id = 'new'",
+            settings={"mutations_sync": 2},
+        )
+        repair_results(client, {event_id})
+        rows = client.query(
+            "SELECT action_id, key_id, status FROM actionfleet.action_results "
+            "WHERE action_id = 'new'"
+        ).result_rows
+        assert rows == [("new", "k0123456789abcdef", "succeeded")]
     finally:
         client.close()
