@@ -4,9 +4,11 @@ agent) and over streamable HTTP (each client's producer key as a bearer token)."
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,3 +221,80 @@ def test_over_http_each_tenant_sees_only_its_own_workspace(
     # The agent comes from the key (beta's names one), or a header inside its pattern.
     response = _rpc(http_server, keys["acme"])  # acme's key covers desk-*, no header
     assert response.status_code == 401 and "X-ActionFleet-Agent" in json.dumps(response.json())
+
+
+# ------------------------------------------------------------- every tool, end to end
+
+TOOLS_DB = 3  # the all-primitives fleet's own Redis database
+
+
+class _Api(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps({"pong": True, "path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def tools_fleet(
+    redis_server: RedisServer, sandbox_image: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str, int]]:
+    redis_server.client(TOOLS_DB).flushdb()
+    home = tmp_path_factory.mktemp("mcp-tools")
+    url = redis_server.url(TOOLS_DB)
+    worker = start_worker(
+        url, home, queues="actions.code,actions.email,actions.api", concurrency=2,
+        auth="required", sandbox_runtime="runc", workspace_root=str(home / "ws"),
+    )  # fmt: skip
+    # apitest: the test policy's tenant that may reach loopback servers.
+    key = KeyStore(redis.Redis.from_url(url)).create("apitest", "desk-*")[1].secret()
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    yield url, key, api.server_address[1]
+    api.shutdown()
+    worker.stop()
+
+
+def test_over_stdio_code_email_and_api_tools_run_end_to_end(
+    tools_fleet: tuple[str, str, int], tmp_path: Path
+) -> None:
+    from mcp import ClientSession, stdio_client
+
+    url, key, port = tools_fleet
+    seen: dict[str, Any] = {}
+
+    async def session() -> None:
+        params = _stdio_params(url, tmp_path, key, "apitest", "desk-1")
+        with (tmp_path / "server.err").open("w") as errlog:
+            async with (
+                stdio_client(params, errlog=errlog) as (read, write),
+                ClientSession(read, write) as s,
+            ):
+                await s.initialize()
+                seen["code"] = await s.call_tool(
+                    "run_code", {"language": "python", "source": "print(6 * 7)"}
+                )
+                seen["email"] = await s.call_tool(
+                    "send_email",
+                    {"to": ["ops@example.com"], "subject": "hi", "text": "x", "dry_run": True},
+                )
+                seen["api"] = await s.call_tool(
+                    "call_api", {"method": "GET", "url": f"http://127.0.0.1:{port}/ping"}
+                )
+
+    anyio.run(session)
+    code = seen["code"]
+    assert not code.is_error, code
+    assert code.structured_content["output"]["stdout"] == "42\n"
+    assert "42" in code.content[0].text
+    email = seen["email"]
+    assert not email.is_error and email.structured_content["output"]["dry_run"] is True, email
+    api = seen["api"]
+    assert not api.is_error, api
+    assert api.structured_content["output"]["status"] == 200
