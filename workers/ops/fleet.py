@@ -238,19 +238,10 @@ class Fleet:
         if self.settings.auth == "required":
             # Users of their own for the operator, the workers and each producer key:
             # the default user is off (workers/auth/acl.py).
-            from producer.config import with_credentials
-            from workers.auth.acl import (
-                ADMIN_USER,
-                WORKER_USER,
-                ServicePasswords,
-                service_acl_lines,
-            )
+            from workers.ops.fleet_auth import redis_users
 
-            passwords = ServicePasswords()
-            aclfile = (data / "users.acl").resolve()
-            write_private(aclfile, "\n".join(service_acl_lines(passwords)) + "\n")
-            self.worker_url = with_credentials(url, WORKER_USER, passwords.worker)
-            url = with_credentials(url, ADMIN_USER, passwords.admin)
+            users = redis_users(data, url, write_private)
+            aclfile, url, self.worker_url = users.aclfile, users.admin_url, users.worker_url
         self.redis = _Child(
             "redis",
             redis_argv(exe, port, data.resolve(), aclfile=aclfile),
@@ -352,41 +343,18 @@ class Fleet:
         self.say(f"fleet ready: {self.settings.fleet_file()}")
 
     def _operator_key(self) -> dict[str, Any]:
-        """With auth required: a key for every tenant, agent and primitive, for the
-        operator's own commands on this machine (fleet.json, mode 0600)."""
+        """fleet.json's auth fields (with auth required: an operator key, fleet_auth)."""
         if self.settings.auth != "required":
             self.say(
                 "warning: ACTIONFLEET_AUTH=off: actions are not authenticated; anyone who can "
                 "reach the broker may act as any tenant (single-user machines only)"
             )
             return {"auth": "off"}
-        import redis
+        from workers.ops.fleet_auth import make_operator_key
 
-        from workers.auth.keys import KeyStore
-
-        client = redis.Redis.from_url(self.settings.limits_redis_url or self.broker_url)
-        try:
-            store = KeyStore(client)
-            record, key = store.create(
-                "*", "*", description=f"operator key of `actionfleet up` (pid {os.getpid()})"
-            )
-            if self.worker_url is not None:  # our Redis, with ACL users: the key's own
-                from workers.auth.acl import apply_producer_users
-
-                apply_producer_users(client, store.list())
-        finally:
-            client.close()
-        self.operator_key_id = record.key_id
-        self.say(f"auth: required; operator key {record.key_id} in fleet.json (owner only)")
-        info: dict[str, Any] = {
-            "auth": "required",
-            "operator_key": key.secret(),
-            "operator_key_id": record.key_id,
-        }
-        if self.worker_url is not None:
-            # broker_url is the admin's (operator commands); a producer reading this file
-            # logs in as its key's ACL user instead (ActionClient, broker_auth "key").
-            info |= {"admin_url": self.broker_url, "broker_auth": "key", "redis_acl": True}
+        url = self.settings.limits_redis_url or self.broker_url
+        self.operator_key_id, info = make_operator_key(url, self.worker_url is not None)
+        self.say(f"auth: required; operator key {self.operator_key_id} in fleet.json (owner only)")
         return info
 
     def _start_ops(self) -> dict[str, Any]:
@@ -466,22 +434,14 @@ class Fleet:
         self.say("fleet stopped")
 
     def _revoke_operator_key(self) -> None:
-        # Its secret stays in no file once the fleet is gone; on a broker that outlives
-        # the fleet (a configured one) it must not stay valid either.
         if self.operator_key_id is None or not self.broker_url:
             return
-        import redis
+        from workers.ops.fleet_auth import revoke_operator_key
 
-        from workers.auth.keys import KeyStore
-
-        try:
-            client = redis.Redis.from_url(self.settings.limits_redis_url or self.broker_url)
-            try:
-                KeyStore(client).revoke(self.operator_key_id)
-            finally:
-                client.close()
-        except (redis.RedisError, KeyError) as exc:
-            self.say(f"warning: could not revoke operator key {self.operator_key_id}: {exc}")
+        url = self.settings.limits_redis_url or self.broker_url
+        failed = revoke_operator_key(url, self.operator_key_id)
+        if failed:
+            self.say(f"warning: could not revoke operator key {self.operator_key_id}: {failed}")
 
     def _stop_ingester(self) -> None:
         ingester = self.ingester
