@@ -278,7 +278,6 @@ class ToolOutcome(BaseModel):
         data = result.model_dump(mode="json", include={"action_id", "status", "output", "error"})
         if result.ok:
             return cls(is_error=False, text=_summary(result), structured=data)
-        assert result.error is not None or result.status != "succeeded"
         err = result.error
         text = (
             f"{result.status}: {err.type}: {err.message} (retryable: {str(err.retryable).lower()})"

@@ -11,13 +11,11 @@ aiosmtpd SMTP server and an HTTP server on loopback.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -32,6 +30,7 @@ import yaml
 from producer.client import ActionClient
 from producer.models import PRIMITIVES, queue_for
 from tests.conftest import ROOT, TEST_POLICY, http_status
+from tests.http_peer import json_peer
 from tests.services import require
 from workers.config import Settings
 from workers.ops.fleet import free_port
@@ -174,26 +173,10 @@ def test_local_override_validates() -> None:
 # ---------------------------------------------------------------------------------- smoke
 
 
-class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = json.dumps({"ok": True, "path": self.path}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def http_peer() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
+    with json_peer() as port:
+        yield port
 
 
 @pytest.fixture

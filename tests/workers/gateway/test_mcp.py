@@ -4,11 +4,9 @@ agent) and over streamable HTTP (each client's producer key as a bearer token)."
 
 from __future__ import annotations
 
-import http.server
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ import redis
 
 from producer.auth import ProducerKey
 from tests.conftest import ROOT, RedisServer, Worker, start_worker, worker_env
+from tests.http_peer import json_peer
 from workers.auth.keys import KeyStore
 from workers.ops.fleet import free_port
 
@@ -228,19 +227,6 @@ def test_over_http_each_tenant_sees_only_its_own_workspace(
 TOOLS_DB = 3  # the all-primitives fleet's own Redis database
 
 
-class _Api(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = json.dumps({"pong": True, "path": self.path}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def tools_fleet(
     redis_server: RedisServer, sandbox_image: str, tmp_path_factory: pytest.TempPathFactory
@@ -254,10 +240,8 @@ def tools_fleet(
     )  # fmt: skip
     # apitest: the test policy's tenant that may reach loopback servers.
     key = KeyStore(redis.Redis.from_url(url)).create("apitest", "desk-*")[1].secret()
-    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
-    threading.Thread(target=api.serve_forever, daemon=True).start()
-    yield url, key, api.server_address[1]
-    api.shutdown()
+    with json_peer() as port:
+        yield url, key, port
     worker.stop()
 
 
