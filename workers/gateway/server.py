@@ -42,6 +42,8 @@ ACTIONS = "actionfleet://actions/"
 _NOT_FOUND = -32002
 _TIMEOUT_S = 300.0
 _CALLER_CACHE_S = 1.0
+_MAX_RESOURCES = 1_000
+_MAX_DIRECTORIES = 100
 
 
 class Gateway:
@@ -148,9 +150,11 @@ class Gateway:
     ) -> types.ListResourcesResult:
         caller = self.caller(ctx)
         resources: list[types.Resource] = []
-        pending = [""]
-        while pending and len(resources) < 1_000:  # a bounded walk of the workspace
+        pending, listed = [""], 0
+        # A bounded walk: each directory is one files action through the fleet.
+        while pending and len(resources) < _MAX_RESOURCES and listed < _MAX_DIRECTORIES:
             directory = pending.pop()
+            listed += 1
             result = await self._files(caller, {"op": "list", "path": directory or "."})
             if not result.ok:
                 if directory == "":  # no workspace yet, or not allowed: nothing to show
