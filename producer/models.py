@@ -202,6 +202,18 @@ class AuthProof(_Strict):
     ts: int = Field(ge=0, le=2**53, description="signing time, ms since the epoch")
     nonce: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{16,64}$")]
     sig: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{86}$")]
+    # A batch member (ProducerKey.sign_many): the signature covers a Merkle root, and
+    # these lead from this action to it.
+    index: int | None = Field(None, ge=0, lt=2**20, description="leaf position in the batch")
+    path: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{43}$")]] | None = Field(
+        None, max_length=20, description="sibling hashes from the leaf to the root"
+    )
+
+    @model_validator(mode="after")
+    def _batch_fields(self) -> AuthProof:
+        if (self.index is None) != (self.path is None):
+            raise ValueError("a batch proof has both index and path")
+        return self
 
 
 class _Envelope(_Strict):

@@ -20,7 +20,10 @@ without running it again. Nonce records outlive the skew window, so a message wh
 record has lapsed is always refused by its timestamp.
 
 Cost: the key record is cached per process for ``cache_s`` (so a revocation takes effect
-within that time), the signature check is one Ed25519 verification, and the nonce check
+within that time), the signature check is one Ed25519 verification -- or, for a member of
+a signed batch (``ProducerKey.sign_many``), a few SHA-256 hashes up to a tree root this
+process already verified (``_roots``, bounded; keyed by public key, root statement and
+signature, so a cached root proves nothing for another key) -- and the nonce check
 rides in the pipeline's one admission round trip (``workers.guarantees.admission``,
 section 0) when there is one, or is a round trip of its own.
 """
@@ -29,13 +32,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
-from producer.auth import verify_signature
+from producer.auth import signed_statement, verify_statement
 from producer.errors import PolicyDenied, Unauthenticated
 from producer.models import Action
 from workers.auth.keys import KeyRecord, KeyStore
@@ -118,6 +122,28 @@ class Authenticator:
         self.nonce_ttl_s = int(nonce_ttl_s)
         self.cache_s = cache_s
         self._cache: dict[str, tuple[float, KeyRecord]] = {}
+        # Batch roots this process verified: (public key, statement, signature).
+        self._roots: OrderedDict[tuple[str, bytes, str], None] = OrderedDict()
+        self.roots_max = 4096
+
+    def _verified(self, record: KeyRecord, raw: dict[str, Any], proof: Any) -> bool:
+        statement = signed_statement(
+            raw, record.key_id, proof.ts, proof.nonce, proof.index, proof.path
+        )
+        if statement is None:
+            return False
+        if proof.path is None:  # a single action: its statement is unique, nothing to cache
+            return verify_statement(record.public_key, statement, proof.sig)
+        entry = (record.public_key, statement, proof.sig)
+        if entry in self._roots:
+            self._roots.move_to_end(entry)
+            return True
+        if not verify_statement(record.public_key, statement, proof.sig):
+            return False
+        self._roots[entry] = None
+        if len(self._roots) > self.roots_max:
+            self._roots.popitem(last=False)
+        return True
 
     def _record(self, key_id: str) -> KeyRecord | None:
         hit = self._cache.get(key_id)
@@ -179,7 +205,7 @@ class Authenticator:
                 reason="expired",
                 key_id=key_id,
             )
-        if not verify_signature(record.public_key, raw, key_id, proof.ts, proof.nonce, proof.sig):
+        if not self._verified(record, raw, proof):
             raise Unauthenticated(
                 f"the signature does not match this message for key {key_id}: the message "
                 "was changed after it was signed, or signed with another key; sign it again "

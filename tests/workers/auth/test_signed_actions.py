@@ -190,6 +190,46 @@ def test_tampered_stale_replayed_and_unsigned_actions_never_run(
     )
 
 
+def test_a_batch_signed_as_one_tree_runs_and_each_member_proves_only_itself(
+    fleet: tuple[str, Path, Worker], store: KeyStore
+) -> None:
+    """``submit_many`` signs one Merkle root per batch; the worker (one process: the root it
+    verified is cached) still checks every member's own bytes and path to that root."""
+    url, workspace, _ = fleet
+    record, key = store.create("acme", "researcher-*", ["files"])
+    messages = [_write() for _ in range(5)]
+    with ActionClient(url, settings=Settings(broker_url=url), key=key.secret()) as client:
+        handles = client.submit_many(messages)
+        results = [h.result(timeout=60) for h in handles]
+    assert [r.status for r in results] == ["succeeded"] * 5, results
+    assert all(_marker(workspace, m).read_text() == "x" for m in messages)
+    assert {r["key_id"] for r in _wait_audit(url, messages[4]["action_id"])} == {record.key_id}
+
+    batch = key.sign_many([_write() for _ in range(6)])
+    assert len({m["auth"]["sig"] for m in batch}) == 1  # one signature for the batch
+    # An authentic member first, so the worker holds the verified root...
+    assert _send_raw(url, batch[0]).status == "succeeded"
+    # ... which does not let a changed sibling through,
+    tampered = json.loads(json.dumps(batch[1]))
+    tampered["payload"]["content"] = "y"
+    _refused(url, workspace, tampered, "unauthenticated", "bad_signature")
+    # nor a member's proof moved onto another message of the batch,
+    swapped = {**batch[2], "auth": batch[3]["auth"]}
+    _refused(url, workspace, swapped, "unauthenticated", "bad_signature")
+    # nor a proof with its leaf position or path cut changed.
+    moved = {**batch[4], "auth": {**batch[4]["auth"], "index": 5}}
+    _refused(url, workspace, moved, "unauthenticated", "bad_signature")
+    cut = {**batch[5], "auth": {**batch[5]["auth"], "path": batch[5]["auth"]["path"][:-1]}}
+    _refused(url, workspace, cut, "unauthenticated", "bad_signature")
+    # The root is still good for its untouched members.
+    assert _send_raw(url, batch[3]).status == "succeeded"
+    # Another key's batch claiming this key id: the cached root is this key's, not its.
+    forged = ProducerKey(record.key_id, ProducerKey.generate()._seed).sign_many(
+        [_write() for _ in range(2)]
+    )
+    _refused(url, workspace, forged[0], "unauthenticated", "bad_signature")
+
+
 def test_an_exact_copy_of_an_accepted_message_does_not_run_again(
     fleet: tuple[str, Path, Worker], store: KeyStore
 ) -> None:
