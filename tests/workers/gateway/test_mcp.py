@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from producer.auth import ProducerKey
+from tests.browse_fixtures import Site, require_chromium
 from tests.conftest import ROOT, RedisServer, Worker, start_worker, worker_env
 from tests.http_peer import json_peer
 from workers.auth.keys import KeyStore
@@ -231,22 +232,23 @@ TOOLS_DB = 3  # the all-primitives fleet's own Redis database
 def tools_fleet(
     redis_server: RedisServer, sandbox_image: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str, int]]:
+    require_chromium()
     redis_server.client(TOOLS_DB).flushdb()
     home = tmp_path_factory.mktemp("mcp-tools")
     url = redis_server.url(TOOLS_DB)
     worker = start_worker(
-        url, home, queues="actions.code,actions.email,actions.api", concurrency=2,
+        url, home, queues="actions.code,actions.browse,actions.email,actions.api", concurrency=2,
         auth="required", sandbox_runtime="runc", workspace_root=str(home / "ws"),
     )  # fmt: skip
-    # apitest: the test policy's tenant that may reach loopback servers.
+    # apitest: the test policy's tenant that may reach loopback servers (and sites).
     key = KeyStore(redis.Redis.from_url(url)).create("apitest", "desk-*")[1].secret()
     with json_peer() as port:
         yield url, key, port
     worker.stop()
 
 
-def test_over_stdio_code_email_and_api_tools_run_end_to_end(
-    tools_fleet: tuple[str, str, int], tmp_path: Path
+def test_over_stdio_code_browse_email_and_api_tools_run_end_to_end(
+    tools_fleet: tuple[str, str, int], site: Site, tmp_path: Path
 ) -> None:
     from mcp import ClientSession, stdio_client
 
@@ -264,6 +266,9 @@ def test_over_stdio_code_email_and_api_tools_run_end_to_end(
                 seen["code"] = await s.call_tool(
                     "run_code", {"language": "python", "source": "print(6 * 7)"}
                 )
+                seen["browse"] = await s.call_tool(
+                    "browse", {"url": site.url("/about"), "extract": ["title", "markdown"]}
+                )
                 seen["email"] = await s.call_tool(
                     "send_email",
                     {"to": ["ops@example.com"], "subject": "hi", "text": "x", "dry_run": True},
@@ -277,6 +282,10 @@ def test_over_stdio_code_email_and_api_tools_run_end_to_end(
     assert not code.is_error, code
     assert code.structured_content["output"]["stdout"] == "42\n"
     assert "42" in code.content[0].text
+    browse = seen["browse"]
+    assert not browse.is_error, browse
+    assert browse.structured_content["output"]["title"] == "About"
+    assert "We test browsers." in browse.structured_content["output"]["markdown"]
     email = seen["email"]
     assert not email.is_error and email.structured_content["output"]["dry_run"] is True, email
     api = seen["api"]
