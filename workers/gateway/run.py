@@ -3,9 +3,12 @@
 Over HTTP every request must carry a producer key (``Authorization: Bearer afk1_…``) that
 the fleet knows and that names one tenant; anything else is answered 401 before the MCP
 layer sees it, as a JSON-RPC error (code -32001, ``data.type: unauthenticated``) that MCP
-clients pass on. The app is stateless (each request stands alone, so a session cannot be
-carried over from one key to another) and bound to loopback unless told otherwise; the
-SDK refuses a Host header that is not the bound address (DNS rebinding).
+clients pass on. Sessions are kept (an initialized session serves every later call
+without being set up again) and each is bound to the key and agent that opened it: the
+gate hands the SDK the caller as the request's authenticated user, and the SDK answers
+any other credential presenting that session id as if the session did not exist (404).
+Idle sessions end after ``SESSION_IDLE_S``. The server is bound to loopback unless told
+otherwise, and the SDK refuses a Host header that is not the bound address (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -14,11 +17,15 @@ import json
 from typing import Any
 
 import anyio
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
 
 from workers.gateway.identity import AGENT_HEADER, Refused
 from workers.gateway.server import Gateway
 
-__all__ = ["http_app", "run_http", "run_stdio"]
+__all__ = ["SESSION_IDLE_S", "http_app", "run_http", "run_stdio"]
+
+SESSION_IDLE_S = 600.0
 
 
 async def _stdio(gateway: Gateway) -> None:
@@ -48,10 +55,11 @@ class _BearerGate:
             headers = {
                 k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
             }
+            authorization, agent = headers.get("authorization"), headers.get(AGENT_HEADER)
             try:
-                await anyio.to_thread.run_sync(
-                    lambda: self.gateway.resolve(
-                        headers.get("authorization"), headers.get(AGENT_HEADER)
+                caller = self.gateway.cached(authorization, agent) or (
+                    await anyio.to_thread.run_sync(
+                        lambda: self.gateway.resolve(authorization, agent)
                     )
                 )
             except Refused as exc:
@@ -78,12 +86,23 @@ class _BearerGate:
                 )
                 await send({"type": "http.response.body", "body": body})
                 return
+            # The principal the SDK binds a session to: key and agent (never the secret).
+            token = AccessToken(
+                token=caller.key_id,
+                client_id=caller.key_id,
+                subject=f"{caller.tenant_id}/{caller.agent_id}",
+                scopes=[],
+            )
+            scope = {**scope, "user": AuthenticatedUser(token)}
         await self.app(scope, receive, send)
 
 
 def http_app(gateway: Gateway, host: str = "127.0.0.1") -> Any:
     app = gateway.server().streamable_http_app(
-        streamable_http_path="/mcp", stateless_http=True, json_response=True, host=host
+        streamable_http_path="/mcp",
+        json_response=True,
+        host=host,
+        session_idle_timeout=SESSION_IDLE_S,
     )
     return _BearerGate(app, gateway)
 

@@ -66,13 +66,21 @@ class Gateway:
         # Bearer -> caller for a second: a revoked key is refused within it, and a busy
         # client does not cost a key lookup per request.
         self._callers: dict[tuple[str | None, str | None], tuple[float, Caller]] = {}
+        self._tools: list[types.Tool] | None = None
+
+    def cached(self, authorization: str | None, agent: str | None) -> Caller | None:
+        """The caller resolved for these headers less than a second ago, if any."""
+        hit = self._callers.get((authorization, agent))
+        if hit is not None and time.monotonic() - hit[0] < _CALLER_CACHE_S:
+            return hit[1]
+        return None
 
     def resolve(self, authorization: str | None, agent: str | None) -> Caller:
         """The caller of an HTTP request (``Refused`` when not let in)."""
+        hit = self.cached(authorization, agent)
+        if hit is not None:
+            return hit
         now = time.monotonic()
-        hit = self._callers.get((authorization, agent))
-        if hit is not None and now - hit[0] < _CALLER_CACHE_S:
-            return hit[1]
         caller = caller_from_bearer(authorization, self.key_store, agent)
         if len(self._callers) > 10_000:
             self._callers.clear()
@@ -112,17 +120,25 @@ class Gateway:
 
     # -- tools ---------------------------------------------------------------------------
 
+    def tools(self) -> list[types.Tool]:
+        # Built once: generating the schemas from the contract takes milliseconds.
+        if self._tools is None:
+            self._tools = [
+                types.Tool(
+                    name=d["name"],
+                    description=d["description"],
+                    input_schema=d["inputSchema"],
+                    output_schema=d["outputSchema"],
+                )
+                for d in definitions("mcp")
+            ]
+        return self._tools
+
+    def input_schema(self, name: str) -> dict[str, Any] | None:
+        return next((t.input_schema for t in self.tools() if t.name == name), None)
+
     async def list_tools(self, ctx: ServerRequestContext, params: Any) -> types.ListToolsResult:
-        tools = [
-            types.Tool(
-                name=d["name"],
-                description=d["description"],
-                input_schema=d["inputSchema"],
-                output_schema=d["outputSchema"],
-            )
-            for d in definitions("mcp")
-        ]
-        return types.ListToolsResult(tools=tools)
+        return types.ListToolsResult(tools=self.tools())
 
     async def call_tool(
         self, ctx: ServerRequestContext, params: types.CallToolRequestParams
@@ -238,6 +254,7 @@ class Gateway:
             version="0.1.0",
             instructions="Act through ActionFleet: run code, browse, files, send email, call "
             "APIs, each sandboxed, policy-checked and audited, as your tenant.",
+            get_tool_input_schema=self.input_schema,
             on_list_tools=self.list_tools,
             on_call_tool=self.call_tool,
             on_list_resources=self.list_resources,

@@ -185,6 +185,41 @@ def test_over_http_a_client_without_a_valid_key_is_refused_before_anything_runs(
         assert token is None or token not in response.text  # never echoes a key
 
 
+def test_over_http_a_session_serves_only_the_key_and_agent_that_opened_it(
+    fleet: tuple[str, Path, dict[str, str]], http_server: str
+) -> None:
+    _, _, keys = fleet
+    accept = {"Accept": "application/json, text/event-stream"}
+
+    def headers(key: str, agent: str | None, session: str | None = None) -> dict[str, str]:
+        out = accept | {"Authorization": f"Bearer {key}"}
+        if agent:
+            out["X-ActionFleet-Agent"] = agent
+        if session:
+            out["Mcp-Session-Id"] = session
+            out["Mcp-Protocol-Version"] = "2025-06-18"
+        return out
+
+    init = {
+        "jsonrpc": "2.0", "id": 0, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                   "clientInfo": {"name": "test", "version": "1"}},
+    }  # fmt: skip
+    opened = httpx.post(http_server, json=init, headers=headers(keys["acme"], "desk-1"))
+    assert opened.status_code == 200, opened.text
+    session = opened.headers["mcp-session-id"]
+    listing = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+
+    def list_as(key: str, agent: str | None) -> httpx.Response:
+        return httpx.post(http_server, json=listing, headers=headers(key, agent, session))
+
+    assert list_as(keys["acme"], "desk-1").status_code == 200
+    # Another tenant's key, or the same key as another agent: the session does not exist.
+    assert list_as(keys["beta"], None).status_code == 404
+    assert list_as(keys["acme"], "desk-2").status_code == 404
+    assert list_as(keys["acme"], "desk-1").status_code == 200
+
+
 def test_over_http_each_tenant_sees_only_its_own_workspace(
     fleet: tuple[str, Path, dict[str, str]], http_server: str
 ) -> None:
