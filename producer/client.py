@@ -7,7 +7,9 @@ Redis as the key's ACL user, which may publish actions and read its tenant's res
 
 from __future__ import annotations
 
+import asyncio
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,6 +18,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
+from producer.async_results import ResultWaiter
 from producer.auth import ProducerKey
 from producer.config import ProducerSettings, producer_settings, with_credentials
 from producer.errors import FleetUnavailable, InvalidAction, ResultTimeout, UnsupportedPrimitive
@@ -76,6 +79,19 @@ class ActionHandle:
                     raise ResultTimeout(
                         f"no result for action {self.action_id} after {timeout}s; it may still run"
                     ) from None
+        return self._outcome(value, self._async.state)
+
+    async def aresult(self, waiter: ResultWaiter, timeout: float | None = None) -> ActionResult:
+        """``result`` for asyncio: waits on ``waiter`` (``ActionClient.waiter()``), no
+        thread blocked. Raises ``ResultTimeout``."""
+        meta = await waiter.wait(self._async.id, timeout)
+        if meta is None:
+            raise ResultTimeout(
+                f"no result for action {self.action_id} after {timeout}s; it may still run"
+            )
+        return self._outcome(meta.get("result"), meta.get("status"))
+
+    def _outcome(self, value: Any, state: str | None) -> ActionResult:
         if isinstance(value, dict) and "status" in value:
             return ActionResult.model_validate(value)
         # The task itself crashed (it never should: the pipeline catches everything).
@@ -85,7 +101,7 @@ class ActionHandle:
             status="failed",
             error={
                 "type": "internal_error",
-                "message": f"worker task ended in state {self._async.state}: {value!r}"[:500],
+                "message": f"worker task ended in state {state}: {value!r}"[:500],
                 "retryable": True,
                 "details": {},
             },
@@ -142,6 +158,9 @@ class ActionClient:
         self._app = Celery("actionfleet-client", set_as_current=False)
         self._app.conf.update(
             celery_conf(self.settings.model_copy(update={"result_backend": backend}), url)
+        )
+        self._waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResultWaiter] = (
+            weakref.WeakKeyDictionary()
         )
 
     # -- validation -------------------------------------------------------------------
@@ -201,6 +220,20 @@ class ActionClient:
         """Submit and wait for the result."""
         return self.submit(action).result(timeout=timeout)
 
+    def waiter(self) -> ResultWaiter:
+        """The result waiter of the running event loop (one per loop, made on first use)."""
+        loop = asyncio.get_running_loop()
+        found = self._waiters.get(loop)
+        if found is None:
+            backend = str(self._app.conf.result_backend or self.broker_url)
+            found = self._waiters[loop] = ResultWaiter(backend, poll_s=_POLL_S)
+        return found
+
+    async def arun(self, action: Any, timeout: float | None = None) -> ActionResult:
+        """``run`` for asyncio: submit, then wait without blocking the event loop's thread
+        (the submission itself is one short Redis write)."""
+        return await self.submit(action).aresult(self.waiter(), timeout)
+
     # -- lifecycle --------------------------------------------------------------------
 
     def _safe_url(self) -> str:
@@ -211,6 +244,13 @@ class ActionClient:
 
     def close(self) -> None:
         self._app.close()
+
+    async def aclose(self) -> None:
+        """Close the running loop's result waiter, then the client."""
+        waiter = self._waiters.pop(asyncio.get_running_loop(), None)
+        if waiter is not None:
+            await waiter.close()
+        self.close()
 
     def __enter__(self) -> ActionClient:
         return self

@@ -110,8 +110,8 @@ class Gateway:
             return found
 
     async def run(self, caller: Caller, action: dict[str, Any]) -> ActionResult:
-        client = self.client(caller)
-        return await anyio.to_thread.run_sync(lambda: client.run(action, timeout=_TIMEOUT_S))
+        # No thread per call: the result is awaited on the event loop's one subscription.
+        return await self.client(caller).arun(action, timeout=_TIMEOUT_S)
 
     def close(self) -> None:
         for client in self._clients.values():

@@ -5,6 +5,7 @@ administer or wipe Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import time
@@ -181,6 +182,14 @@ def test_producers_and_the_worker_do_their_jobs_under_their_own_users(
         assert result.status == "succeeded", (result, worker.tail())
         # ... and cannot read beta's real result.
         assert _denied(client._app.backend.client.get, f"celery-task-meta-{beta_handle._async.id}")
+
+        # Waiting on asyncio (ActionClient.arun) works under the producer's user too.
+        async def on_asyncio() -> list[str]:
+            results = await asyncio.gather(*(client.arun(write("acme"), 60) for _ in range(3)))
+            await client.aclose()
+            return [r.status for r in results]
+
+        assert asyncio.run(on_asyncio()) == ["succeeded"] * 3
 
     # The workers' user ran all of that, and still may not administer or wipe Redis.
     w = redis.Redis.from_url(acl_redis.worker_url)
