@@ -68,8 +68,13 @@ PAGES: dict[str, tuple[str, str]] = {
 @dataclass
 class Site:
     port: int
-    server: ThreadingHTTPServer
+    server: _Server
     release: threading.Event  # set at teardown: lets hung responses end
+
+    @property
+    def connections(self) -> int:
+        """Connections this server accepted (any bytes at all, TLS or garbage too)."""
+        return self.server.accepted
 
     def url(self, path: str = "/", host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -141,6 +146,29 @@ def _handler(release: threading.Event) -> type[BaseHTTPRequestHandler]:
                     "</script>"
                 )
                 self._send(200, _PAGE.format(title="WS", body=body).encode())
+            elif path == "/mixed":
+                # An article that pulls an image, a script, a fetch and a websocket from
+                # ?other= (a host:port), and says when the fetch and the socket failed.
+                other = html.escape(q["other"], quote=True)
+                body = (
+                    '<main><h1>Allowed article</h1><p id="body">The allowed text.</p>'
+                    '<p id="fetch">fetch pending</p><p id="ws">ws pending</p></main>'
+                    f'<img src="/pixel.png"><img src="http://{other}/tracker.png">'
+                    f'<script src="https://{other}/lib.js"></script>'
+                    f"<script>fetch('http://{other}/api').then("
+                    "() => { document.getElementById('fetch').textContent = 'fetch-ok'; },"
+                    " () => { document.getElementById('fetch').textContent = 'fetch-failed'; });"
+                    f"const ws = new WebSocket('ws://{other}/ws');"
+                    "const say = (t) => { document.getElementById('ws').textContent = t; };"
+                    "ws.onerror = () => say('ws-failed'); ws.onopen = () => say('ws-open');"
+                    "</script>"
+                )
+                self._send(200, _PAGE.format(title="Mixed", body=body).encode())
+            elif path == "/leave":
+                # A link that navigates the page itself to ?to=.
+                to = html.escape(q["to"], quote=True)
+                body = f'<a id="leave" href="{to}">leave</a>'
+                self._send(200, _PAGE.format(title="Leave", body=body).encode())
             elif path == "/pixel.png":
                 self._send(200, b"\x89PNG\r\n\x1a\n", "image/png")
             elif path == "/hang":
@@ -166,6 +194,11 @@ def _handler(release: threading.Event) -> type[BaseHTTPRequestHandler]:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    accepted = 0
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        self.accepted += 1  # counted before any parsing: a TLS hello counts too
+        return True
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The proxy cuts connections on purpose (page budget, timeouts): not an error.
@@ -196,6 +229,10 @@ RESOLVER = StaticResolver(
         "site.test": ["127.0.0.1"],
         "metadata.test": ["169.254.169.254"],
         "private.test": ["10.0.0.1"],
+        # A third-party host (a second loopback server) and an allow-listed name that
+        # points at a private address.
+        "cdn.test": ["127.0.0.1"],
+        "intranet.site.test": ["10.0.0.2"],
     }
 )
 

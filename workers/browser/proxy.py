@@ -66,6 +66,10 @@ class RequestRecord:
     reason: str  # the guard's reason (address, domain, scheme, port, dns) or "upstream"
     message: str
     address: str | None = None
+    host: str = ""
+    port: int = 0
+    # Which domain rule refused it (allow_domains, deny_domains, ip_literal), if one did.
+    rule: str = ""
 
 
 @dataclass
@@ -75,6 +79,7 @@ class _Stats:
     requests: int = 0
     blocked: list[RequestRecord] = field(default_factory=list)
     failed: list[RequestRecord] = field(default_factory=list)
+    refused: int = 0  # every refusal, also those past max_records
     over_budget: bool = False
 
 
@@ -139,6 +144,11 @@ class ProxySession:
             return list(self.stats.failed)
 
     @property
+    def refused(self) -> int:
+        """How many requests the guard refused (the lists above keep ``max_records``)."""
+        return self.stats.refused
+
+    @property
     def over_budget(self) -> bool:
         return self.stats.over_budget
 
@@ -181,6 +191,8 @@ class ProxySession:
 
     def _record(self, kind: str, rec: RequestRecord) -> None:
         with self.stats.lock:
+            if kind == "blocked":
+                self.stats.refused += 1
             target = self.stats.blocked if kind == "blocked" else self.stats.failed
             if len(target) < self.max_records:
                 target.append(rec)
@@ -226,14 +238,29 @@ class ProxySession:
                 self._untrack(upstream)
             self._untrack(client)
 
-    def _check(self, client: socket.socket, url: str, check: Callable[[], Target]) -> Target | None:
+    def _check(
+        self,
+        client: socket.socket,
+        url: str,
+        host: str,
+        port: int,
+        check: Callable[[], Target],
+    ) -> Target | None:
         """Run a guard check; on refusal record it and answer 403 (nothing was sent)."""
         try:
             return check()
         except NetworkBlocked as exc:
             details = exc.details
             reason = str(details.get("reason", "blocked"))
-            rec = RequestRecord(url, reason, exc.message, details.get("address"))
+            rec = RequestRecord(
+                url,
+                reason,
+                exc.message,
+                details.get("address"),
+                host=str(details.get("host") or host).lower(),
+                port=port,
+                rule=str(details.get("rule") or ""),
+            )
             if reason == "dns":
                 # A name that does not resolve is a dead link, not a policy refusal.
                 self._record("failed", rec)
@@ -257,7 +284,9 @@ class ProxySession:
     def _open_connect(self, client: socket.socket, authority: str) -> socket.socket | None:
         host, port = _split_authority(authority)
         url = f"https://{authority}"
-        target = self._check(client, url, lambda: self.guard.check("https", host, port, url=url))
+        target = self._check(
+            client, url, host, port, lambda: self.guard.check("https", host, port, url=url)
+        )
         return None if target is None else self._connect(client, url, target)
 
     def _forward_http(
@@ -271,12 +300,16 @@ class ProxySession:
     ) -> socket.socket | None:
         url = raw_target.decode("latin-1")
         parts = urlsplit(url)
+        try:
+            port = parts.port or 80
+        except ValueError:
+            port = 0  # the guard refuses the malformed URL below
         if parts.scheme.lower() != "http" or not parts.hostname:
             # Only absolute http:// URIs; anything else is not a proxy request.
             self._record("blocked", RequestRecord(url, "scheme", f"not a proxy request: {url}"))
             _reply(client, 400, "absolute http:// URI expected")
             return None
-        target = self._check(client, url, lambda: self.guard.check_url(url))
+        target = self._check(client, url, parts.hostname, port, lambda: self.guard.check_url(url))
         if target is None:
             return None
         upstream = self._connect(client, url, target)
