@@ -40,8 +40,9 @@ from producer.errors import (
 )
 from producer.models import Action, BrowseAction, BrowsePayload
 from workers.browser.artifacts import save_artifact
-from workers.browser.extract import extract_all
+from workers.browser.extract import empty_data, extract_all, split_extract
 from workers.browser.manager import BrowserManager, LaunchOptions
+from workers.browser.pdf import is_pdf, read_pdf
 from workers.browser.proxy import ProxySession
 from workers.browser.refusals import Navigations, blocked_entry, hard_entry, split_refusals
 from workers.browser.steps import PageRun, check_steps, page_crashed
@@ -119,7 +120,7 @@ class BrowseExecutor:
                 output, png = self.manager.run(
                     lambda context: self._until_over_budget(
                         proxy,
-                        self._browse(context, p, limits, timeout_s, partial, navigations),
+                        self._browse(context, p, limits, timeout_s, partial, navigations, proxy),
                     ),
                     context_options=context_options,
                     timeout_s=timeout_s,
@@ -185,6 +186,7 @@ class BrowseExecutor:
         timeout_s: float,
         partial: dict[str, Any],
         navigations: Navigations,
+        proxy: ProxySession,
     ) -> tuple[dict[str, Any], bytes | None]:
         page = await context.new_page()
         navigations.watch(page)
@@ -207,7 +209,7 @@ class BrowseExecutor:
         await run.run_steps(p.steps)
         partial.update(url=page.url, status=run.status)
         try:
-            return await self._read(page, run, p, limits)
+            return await self._read(page, run, p, limits, proxy)
         except PlaywrightTimeout:
             raise
         except PlaywrightError as exc:
@@ -216,14 +218,23 @@ class BrowseExecutor:
             raise
 
     async def _read(
-        self, page: Page, run: PageRun, p: BrowsePayload, limits: BrowseLimits
+        self, page: Page, run: PageRun, p: BrowsePayload, limits: BrowseLimits, proxy: ProxySession
     ) -> tuple[dict[str, Any], bytes | None]:
         output: dict[str, Any] = {
             "url": page.url,
             "status": run.status,
             "title": await page.title(),
         }
-        output |= await extract_all(page, list(p.extract), limits.max_extract_chars)
+        if is_pdf(run.content_type) and (run.status or 0) < 400:
+            names, selectors = split_extract(list(p.extract))
+            left = run.deadline - asyncio.get_running_loop().time()
+            pdf, truncated = await read_pdf(page, page.url, names, limits, proxy.server, left)
+            output |= pdf
+            if selectors or "tables" in names:
+                output["data"] = empty_data(names, selectors)
+            output["truncated"] = truncated
+        else:
+            output |= await extract_all(page, list(p.extract), limits.max_extract_chars)
         png = None
         if "screenshot" in p.extract:
             png = await page.screenshot(type="png", full_page=False, animations="disabled")
