@@ -9,13 +9,18 @@ third party is a second real loopback server that counts every connection it acc
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
+from audit.emitter import AuditMiddleware
+from audit.store import ClientReader
 from producer.errors import NetworkBlocked
+from tests.audit_fixtures import drained_ingester, redis_for_test
 from tests.browse_fixtures import (
     Site,
     browse_action,
@@ -25,6 +30,8 @@ from tests.browse_fixtures import (
     tenant_policy,
 )
 from workers.middleware import ActionContext
+from workers.pipeline import Pipeline
+from workers.policy import PolicyEngine
 
 pytestmark = pytest.mark.usefixtures("tripwire")
 
@@ -162,3 +169,60 @@ def test_navigations_to_a_listed_host_still_deny(
     assert isinstance(err, NetworkBlocked)
     assert away in {b["url"] for b in err.details["blocked"]}
     assert cdn.connections == before
+
+
+class _OneExecutor:
+    """The executor registry of a browse worker: this one executor."""
+
+    def __init__(self, executor: Any) -> None:
+        self.executor = executor
+
+    def supports(self, primitive: str) -> bool:
+        return primitive == "browse"
+
+    def get(self, primitive: str) -> Any:
+        return self.executor
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.usefixtures("need_chdb")
+def test_the_audit_row_counts_the_refusals(
+    browse_executor: Any, site: Site, cdn: Site, tmp_path: Path
+) -> None:
+    """Pipeline -> real browse executor -> audit emitter -> Redis stream -> ingester ->
+    chDB: the finished rows of both tables carry the number of refused requests."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(json.dumps({"version": 1, "tenants": {"shop": {"egress": ALLOW_SITE}}}))
+    raw = {
+        "primitive": "browse",
+        "tenant_id": "shop",
+        "agent_id": "researcher",
+        "payload": {"url": _mixed(site, cdn), "steps": WAIT_FOR_FAILURES},
+    }
+    with redis_for_test(tmp_path / "redis") as rs:
+        mw = AuditMiddleware(rs.url(), spool_dir=tmp_path / "spool")
+        pipeline = Pipeline(PolicyEngine(policy), _OneExecutor(browse_executor), [mw])  # type: ignore[arg-type]
+        ctx = ActionContext(
+            primitive="browse", queue="actions.browse", worker="w", attempt=1, raw=raw
+        )
+        result = pipeline.run(ctx)
+        assert result["status"] == "succeeded", result
+        assert len(result["output"]["blocked"]) == 3
+        assert mw.flush(10)
+        mw.close()
+        with drained_ingester(rs.url(), tmp_path / "store") as ingester:
+            db = ClientReader(ingester.client, own=False)
+            action_id = {"a": result["action_id"]}
+            events = db.query(
+                "SELECT stage, blocked_requests FROM audit_events "
+                "WHERE action_id = {a:String} ORDER BY event_time",
+                action_id,
+            ).rows
+            assert events == [["received", 0], ["policy", 0], ["started", 0], ["finished", 4]]
+            finished = db.query(
+                "SELECT status, blocked_requests FROM action_results WHERE action_id = {a:String}",
+                action_id,
+            ).rows
+            assert finished == [["succeeded", 4]]
