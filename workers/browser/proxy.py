@@ -35,27 +35,22 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from producer.errors import NetworkBlocked
+from workers.browser.proxy_http import (
+    HOP_HEADERS,
+    parse_head,
+    read_head,
+    reply,
+    split_authority,
+)
 from workers.outbound.egress import EgressGuard, Target
 
 __all__ = ["ProxySession", "RequestRecord"]
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD_BYTES = 64 * 1024
 CONNECT_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 60.0
 _CHUNK = 64 * 1024
-# Hop-by-hop headers (RFC 9110 7.6.1) and the proxy's own: never forwarded upstream.
-_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"proxy-authorization",
-    b"proxy-authenticate",
-    b"te",
-    b"trailer",
-    b"upgrade",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,10 +210,10 @@ class ProxySession:
         upstream: socket.socket | None = None
         try:
             client.settimeout(IDLE_TIMEOUT_S)
-            head, rest = _read_head(client)
+            head, rest = read_head(client)
             if head is None:
                 return
-            method, target, version, headers = _parse_head(head)
+            method, target, version, headers = parse_head(head)
             with self.stats.lock:
                 self.stats.requests += 1
             if method == b"CONNECT":
@@ -264,10 +259,10 @@ class ProxySession:
             if reason == "dns":
                 # A name that does not resolve is a dead link, not a policy refusal.
                 self._record("failed", rec)
-                _reply(client, 502, "name does not resolve")
+                reply(client, 502, "name does not resolve")
             else:
                 self._record("blocked", rec)
-                _reply(client, 403, "refused by the tenant's egress policy")
+                reply(client, 403, "refused by the tenant's egress policy")
             return None
 
     def _connect(self, client: socket.socket, url: str, target: Target) -> socket.socket | None:
@@ -275,14 +270,14 @@ class ProxySession:
             upstream = self.guard.connect(target, timeout=CONNECT_TIMEOUT_S)
         except OSError as exc:
             self._record("failed", RequestRecord(url, "upstream", f"connect failed: {exc}"))
-            _reply(client, 502, "upstream connection failed")
+            reply(client, 502, "upstream connection failed")
             return None
         self._track(upstream)
         upstream.settimeout(IDLE_TIMEOUT_S)
         return upstream
 
     def _open_connect(self, client: socket.socket, authority: str) -> socket.socket | None:
-        host, port = _split_authority(authority)
+        host, port = split_authority(authority)
         url = f"https://{authority}"
         target = self._check(
             client, url, host, port, lambda: self.guard.check("https", host, port, url=url)
@@ -307,7 +302,7 @@ class ProxySession:
         if parts.scheme.lower() != "http" or not parts.hostname:
             # Only absolute http:// URIs; anything else is not a proxy request.
             self._record("blocked", RequestRecord(url, "scheme", f"not a proxy request: {url}"))
-            _reply(client, 400, "absolute http:// URI expected")
+            reply(client, 400, "absolute http:// URI expected")
             return None
         target = self._check(client, url, parts.hostname, port, lambda: self.guard.check_url(url))
         if target is None:
@@ -322,10 +317,10 @@ class ProxySession:
         length = 0
         for name, value in headers:
             low = name.lower()
-            if low in _HOP:
+            if low in HOP_HEADERS:
                 continue
             if low == b"transfer-encoding":
-                _reply(client, 501, "chunked request bodies are not supported by the proxy")
+                reply(client, 501, "chunked request bodies are not supported by the proxy")
                 return upstream
             if low == b"content-length":
                 length = int(value.strip())
@@ -372,49 +367,3 @@ class ProxySession:
         up.start()
         pump(upstream, client, True)
         up.join(timeout=IDLE_TIMEOUT_S)
-
-
-def _read_head(sock: socket.socket) -> tuple[bytes | None, bytes]:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        if len(buf) > MAX_HEAD_BYTES:
-            _reply(sock, 431, "request head too large")
-            return None, b""
-        chunk = sock.recv(_CHUNK)
-        if not chunk:
-            return None, b""
-        buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    return head, rest
-
-
-def _parse_head(head: bytes) -> tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]]]:
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3:
-        raise ValueError(f"bad request line {lines[0][:200]!r}")
-    method, target, version = parts
-    headers: list[tuple[bytes, bytes]] = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            raise ValueError("bad header line")
-        headers.append((name.strip(), value.strip()))
-    return method.upper(), target, version, headers
-
-
-def _split_authority(authority: str) -> tuple[str, int]:
-    host, sep, port = authority.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"CONNECT target {authority!r} has no port")
-    return host.strip("[]"), int(port)
-
-
-def _reply(sock: socket.socket, status: int, reason: str) -> None:
-    body = f"{status} {reason}\n".encode()
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    with contextlib.suppress(OSError):
-        sock.sendall(head + body)
