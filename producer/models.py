@@ -185,7 +185,17 @@ ExtractItem = Annotated[
 ]
 
 
+def _extract_any_of(schema: dict[str, Any]) -> None:
+    # The two branches exclude each other (a string, an object), so anyOf says the same
+    # as pydantic's oneOf and is what function-calling APIs support most widely.
+    items = schema.get("properties", {}).get("extract", {}).get("items", {})
+    if "oneOf" in items:
+        items["anyOf"] = items.pop("oneOf")
+
+
 class BrowsePayload(_Strict):
+    model_config = ConfigDict(json_schema_extra=_extract_any_of)
+
     url: Url
     steps: list[BrowseStep] = Field(default_factory=list, max_length=100)
     extract: list[ExtractItem] = Field(
