@@ -17,7 +17,10 @@ page is done, what the refusal means for the action:
 
 Which request was a navigation is known from the browser (``Navigations`` watches the
 page's main-frame navigation requests); the proxy only sees host and port, so a listed
-refusal is hard when its host and port are those of a main-frame navigation.
+refusal is hard when its host and port are those of a main-frame navigation. A script that
+navigates the page in the very last moment, after the page was read, may have its request
+event arrive after this decision and count as a sub-resource: the refused host was not
+reached either way, and what the action read came from the allowed page.
 """
 
 from __future__ import annotations
