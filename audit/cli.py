@@ -127,8 +127,12 @@ def _with_reader(args: argparse.Namespace, fn: Callable[[Any], list[dict[str, An
     except StoreUnavailable as exc:
         _eprint(f"error: {exc}")
         return EXIT_FAILED
-    except Exception as exc:  # ClickHouse refused it: say why, no traceback
-        _eprint(f"error: {str(exc)[:2000]}")
+    except Exception as exc:  # ClickHouse refused it: say why in one line, no traceback
+        from audit.sql_errors import explain
+
+        why = explain(exc)
+        text = why.message if why else (str(exc).strip().splitlines() or [repr(exc)])[0]
+        _eprint(f"error: {text[:500]}")
         return EXIT_FAILED
     finally:
         reader.close()
@@ -264,8 +268,10 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
         "sql",
         help="run one read-only query; prints JSON rows",
         description="Only SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS, run with readonly=1. "
-        "Tables: actionfleet.audit_events (one row per stage), actionfleet.action_results "
-        "(one row per finished attempt). Bind values with {name:Type} and --param name=value.",
+        "Tables: audit_events (one row per stage) and action_results (one row per finished "
+        "attempt), in the default database actionfleet (the actionfleet. prefix is "
+        "optional). Bind values with {name:Type} and --param name=value. Example: "
+        'actionfleet audit sql "SELECT status, count() FROM action_results GROUP BY status"',
     )
     p.add_argument("sql", help="the query, or '-' to read it from stdin")
     p.add_argument(

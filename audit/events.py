@@ -207,7 +207,7 @@ def _usage(result: Any, extra: dict[str, Any]) -> dict[str, int]:
         "cpu_time_ms": round(cpu_s * 1000),
         "peak_memory_bytes": int(usage.get("max_rss_kb") or 0) * 1024,
     }
-    for key in ("cpu_time_ms", "peak_memory_bytes", "bytes_in", "bytes_out"):
+    for key in ("cpu_time_ms", "peak_memory_bytes", "bytes_in", "bytes_out", "blocked_requests"):
         if key in extra:
             out[key] = max(0, int(extra[key]))
     return out
@@ -248,6 +248,7 @@ def build(
         "peak_memory_bytes": 0,
         "bytes_in": 0,
         "bytes_out": 0,
+        "blocked_requests": 0,
         "cost_units": 0.0,
     }
     if row["labels"]:
@@ -326,6 +327,7 @@ _INT_MAX = {
     "schema_version": 0xFFFF,
     "attempt": 0xFFFF,
     "duration_ms": 0xFFFFFFFF,
+    "blocked_requests": 0xFFFFFFFF,
 }
 
 

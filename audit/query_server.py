@@ -3,7 +3,8 @@
 chDB lets one process open a data directory, and the ingester is that process while the
 fleet runs; ``actionfleet audit …`` commands therefore ask it. Loopback only, a random
 bearer token in a 0600 endpoint file inside the store directory, every query checked as
-a single read statement and run with ``readonly=1`` and time and row limits.
+a single read statement and run with ``readonly=1`` and time and row limits, in the
+default database ``actionfleet``; a refused query is answered with one line.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from audit.store import ClientReader
+from audit.store import ClientReader, QueryError
 
 __all__ = ["QueryServer"]
 
@@ -73,6 +74,9 @@ class QueryServer:
                 try:
                     req = json.loads(self.rfile.read(size))
                     result = server.reader.query(str(req["sql"]), req.get("parameters") or None)
+                except QueryError as exc:  # already one line (audit.sql_errors)
+                    self._reply(400, {"error": str(exc), "name": exc.name, "subject": exc.subject})
+                    return
                 except Exception as exc:  # an error for the caller, not a crash here
                     self._reply(400, {"error": str(exc)[:2000]})
                     return

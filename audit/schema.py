@@ -65,6 +65,7 @@ EVENT_COLUMNS: dict[str, type] = {
     "peak_memory_bytes": int,
     "bytes_in": int,
     "bytes_out": int,
+    "blocked_requests": int,  # requests the egress guard refused during the action
     "cost_units": float,
     "labels": dict,
 }
@@ -173,8 +174,11 @@ SETTINGS {_DEDUP}, ttl_only_drop_parts = 1
 """
 
 _RESULT_COLUMNS_V1 = [c.strip().split()[0] for c in _COMMON.strip().split(",\n")]
-# Columns added by later migrations, at the end of the results view's SELECT.
-_RESULT_COLUMNS = [*_RESULT_COLUMNS_V1, "key_id"]
+# Columns added by later migrations, at the end of the results view's SELECT; each
+# migration that adds one makes the view again with the columns known at its version.
+_RESULT_COLUMNS_V2 = [*_RESULT_COLUMNS_V1, "key_id"]
+_RESULT_COLUMNS_V4 = [*_RESULT_COLUMNS_V2, "blocked_requests"]
+_RESULT_COLUMNS = _RESULT_COLUMNS_V4
 
 # The row of ``action_results`` built from a ``finished`` row of ``audit_events``: used by
 # the materialized view, and by the ingester to repair a results row an ingester killed
@@ -183,18 +187,23 @@ _RESULT_COLUMNS = [*_RESULT_COLUMNS_V1, "key_id"]
 # columns added by later migrations do not sit at the end of the table (AFTER agent_id).
 RESULTS_COLUMNS = ("event_id", "finished_at", "started_at", "status", *_RESULT_COLUMNS)
 
-RESULTS_SELECT = f"""SELECT
+
+def _results_select(columns: list[str]) -> str:
+    return f"""SELECT
     event_id,
     event_time AS finished_at,
     event_time - toIntervalMillisecond(duration_ms) AS started_at,
     status,
-    {", ".join(_RESULT_COLUMNS)}
+    {", ".join(columns)}
 FROM {DATABASE}.audit_events
 WHERE stage = 'finished' AND policy_decision != 'duplicate'"""
 
+
+RESULTS_SELECT = _results_select(_RESULT_COLUMNS)
+
 _RESULTS_MV_V1 = f"""
 CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.action_results_mv TO {DATABASE}.action_results
-AS {RESULTS_SELECT.replace(", key_id", "")}
+AS {_results_select(_RESULT_COLUMNS_V1)}
 """
 
 # v2: the producer key of each action (authenticated producers, docs/security.md). The
@@ -205,7 +214,18 @@ _V2 = (
     f"ALTER TABLE {DATABASE}.action_results ADD COLUMN IF NOT EXISTS {_KEY_ID}",
     f"DROP VIEW IF EXISTS {DATABASE}.action_results_mv",
     f"""CREATE MATERIALIZED VIEW {DATABASE}.action_results_mv TO {DATABASE}.action_results
-AS {RESULTS_SELECT}""",
+AS {_results_select(_RESULT_COLUMNS_V2)}""",
+)
+
+# v4: how many requests the egress guard refused during the action (a browse page's
+# dropped third-party sub-resources, docs/browse.md). The view is made again with it.
+_BLOCKED = "blocked_requests UInt32 DEFAULT 0 CODEC(T64, ZSTD(1)) AFTER bytes_out"
+_V4 = (
+    f"ALTER TABLE {DATABASE}.audit_events ADD COLUMN IF NOT EXISTS {_BLOCKED}",
+    f"ALTER TABLE {DATABASE}.action_results ADD COLUMN IF NOT EXISTS {_BLOCKED}",
+    f"DROP VIEW IF EXISTS {DATABASE}.action_results_mv",
+    f"""CREATE MATERIALIZED VIEW {DATABASE}.action_results_mv TO {DATABASE}.action_results
+AS {_results_select(_RESULT_COLUMNS_V4)}""",
 )
 
 
@@ -221,6 +241,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         1, "audit_events, action_results, results view", (_EVENTS_V1, _RESULTS_V1, _RESULTS_MV_V1)
     ),
     Migration(2, "key_id: the producer key of each action", _V2),
+    # 3 is taken by a parallel branch; numbers only need to grow.
+    Migration(4, "blocked_requests: egress refusals of each action", _V4),
 )
 
 MIGRATIONS_TABLE = f"""

@@ -22,10 +22,12 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from audit.schema import DATABASE, MIGRATIONS, MIGRATIONS_TABLE, TTL_TABLES
+from audit.sql_errors import explain
 
 __all__ = [
     "ENDPOINT_FILE",
     "ClientReader",
+    "QueryError",
     "QueryResult",
     "Reader",
     "RemoteReader",
@@ -197,15 +199,43 @@ def _jsonable(value: Any) -> Any:
 
 
 class ClientReader:
-    """Read-only queries on a clickhouse-connect client (statement check + readonly=1)."""
+    """Read-only queries on a clickhouse-connect client (statement check + readonly=1).
+
+    The default database is ``actionfleet`` once it exists, so ``FROM audit_events``
+    works as people type it; a ClickHouse error becomes a ``QueryError`` of one line
+    (``audit.sql_errors``)."""
 
     def __init__(self, client: Any, own: bool = True) -> None:
         self.client = client
         self.own = own
+        self._use_database()
+
+    def _use_database(self) -> None:
+        # Only once it exists: the client applies its database to every query (USE), so
+        # naming a missing one would break even the queries that create it.
+        if getattr(self.client, "database", None) == DATABASE:
+            return
+        try:
+            found = self.client.query(
+                "SELECT count() FROM system.databases WHERE name = {db:String}",
+                parameters={"db": DATABASE},
+            ).result_rows
+        except Exception:  # the store answers nothing: queries will say so themselves
+            return
+        if found and found[0][0]:
+            self.client.database = DATABASE
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
         text = check_read_only(sql)
-        res = self.client.query(text, parameters=parameters or None, settings=READ_SETTINGS)
+        if getattr(self.client, "database", None) != DATABASE:
+            self._use_database()  # a store the ingester created after this reader opened
+        try:
+            res = self.client.query(text, parameters=parameters or None, settings=READ_SETTINGS)
+        except Exception as exc:
+            why = explain(exc, text)
+            if why is None:
+                raise
+            raise QueryError(why.message, name=why.name, subject=why.subject) from None
         return QueryResult(
             list(res.column_names), [[_jsonable(v) for v in row] for row in res.result_rows]
         )
@@ -234,10 +264,14 @@ class RemoteReader:
                 data = json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             try:
-                message = json.loads(exc.read()).get("error", str(exc))
+                body = json.loads(exc.read())
             except ValueError:
-                message = str(exc)
-            raise QueryError(message) from None
+                body = {}
+            raise QueryError(
+                str(body.get("error") or exc),
+                name=str(body.get("name") or ""),
+                subject=str(body.get("subject") or ""),
+            ) from None
         except (urllib.error.URLError, OSError) as exc:
             raise StoreUnavailable(f"the ingester's query endpoint does not answer: {exc}") from exc
         return QueryResult(data["columns"], data["rows"])
@@ -254,7 +288,13 @@ class RemoteReader:
 
 
 class QueryError(ValueError):
-    """ClickHouse refused the query (syntax, unknown column, readonly…)."""
+    """ClickHouse refused the query (syntax, unknown column, readonly…): one line, plus
+    ClickHouse's error name and the table, column or database it is about."""
+
+    def __init__(self, message: str, *, name: str = "", subject: str = "") -> None:
+        super().__init__(message)
+        self.name = name
+        self.subject = subject
 
 
 def endpoint_file(dsn: str) -> Path | None:

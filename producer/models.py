@@ -16,8 +16,10 @@ from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StringConstraints,
+    Tag,
     TypeAdapter,
     field_validator,
     model_validator,
@@ -42,6 +44,8 @@ __all__ = [
     "EmailAction",
     "EmailPayload",
     "ErrorInfo",
+    "ExtractName",
+    "ExtractSelector",
     "FilesAction",
     "FilesPayload",
     "Primitive",
@@ -143,16 +147,83 @@ class BrowseStep(_Strict):
     timeout_s: float | None = Field(None, gt=0, le=300)
 
 
+ExtractName = Literal["text", "markdown", "links", "title", "html", "screenshot", "tables"]
+_ATTR = r"^[A-Za-z_:][A-Za-z0-9_.:-]{0,63}$"
+
+
+class ExtractSelector(_Strict):
+    """A named selector: what to read from the elements it matches, under output.data."""
+
+    name: Annotated[
+        str, StringConstraints(max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+    ] = Field(description="key of the value under output.data, e.g. 'prices'")
+    selector: Annotated[str, StringConstraints(min_length=1, max_length=1_024)] = Field(
+        description="a Playwright selector: CSS ('.product .price'), 'text=Add to cart', "
+        "'xpath=//h2', or chained ('.card >> text=Buy')"
+    )
+    attr: Annotated[str, StringConstraints(max_length=64, pattern=_ATTR)] = Field(
+        "text",
+        description="what to read: 'text' (the rendered text), 'html' (inner HTML), or an "
+        "attribute name such as 'href' or 'src' (given as absolute URLs)",
+    )
+    all: bool = Field(
+        False,
+        description="true: every match, as a list (at most 1000); false: the first match, "
+        "or null when nothing matches",
+    )
+
+
+def _extract_kind(value: Any) -> str:
+    return "(selector)" if isinstance(value, dict | ExtractSelector) else "(name)"
+
+
+# A name or a selector object; the tag picks the branch, so an error names one of them
+# (tags in parentheses are dropped from field paths by producer.validation).
+ExtractItem = Annotated[
+    Annotated[ExtractName, Tag("(name)")] | Annotated[ExtractSelector, Tag("(selector)")],
+    Discriminator(_extract_kind),
+]
+
+
+def _extract_any_of(schema: dict[str, Any]) -> None:
+    # The two branches exclude each other (a string, an object), so anyOf says the same
+    # as pydantic's oneOf and is what function-calling APIs support most widely.
+    items = schema.get("properties", {}).get("extract", {}).get("items", {})
+    if "oneOf" in items:
+        items["anyOf"] = items.pop("oneOf")
+
+
 class BrowsePayload(_Strict):
+    model_config = ConfigDict(json_schema_extra=_extract_any_of)
+
     url: Url
     steps: list[BrowseStep] = Field(default_factory=list, max_length=100)
-    extract: list[Literal["text", "markdown", "links", "title", "html", "screenshot"]] = Field(
-        default_factory=lambda: ["text"], max_length=6
+    extract: list[ExtractItem] = Field(
+        default_factory=lambda: ["text"],
+        max_length=32,
+        description="what to return: 'text', 'markdown', 'links', 'title', 'html', "
+        "'screenshot', 'tables' (every <table> as header + rows, under output.data.tables), "
+        "and named selectors ({'name', 'selector', 'attr', 'all'}, under output.data.<name>)."
+        " A PDF answers 'text' (and 'markdown') with its text",
     )
     timeout_s: float | None = Field(None, gt=0, le=600)
     viewport: dict[Literal["width", "height"], Annotated[int, Field(ge=64, le=8_192)]] | None = None
     user_agent: ShortText | None = None
     session: Ident | None = Field(None, description="name of a saved storage-state secret")
+
+    @field_validator("extract")
+    @classmethod
+    def _selector_names(cls, v: list[str | ExtractSelector]) -> list[str | ExtractSelector]:
+        seen: set[str] = set()
+        for item in v:
+            if not isinstance(item, ExtractSelector):
+                continue
+            if item.name == "tables":
+                raise ValueError("selector name 'tables' is taken by the tables extract; rename it")
+            if item.name in seen:
+                raise ValueError(f"two selectors are named {item.name!r}; names must be unique")
+            seen.add(item.name)
+        return v
 
 
 EmailAddress = Annotated[

@@ -86,8 +86,11 @@ _TOOLS: tuple[_Tool, ...] = (
         BrowsePayload,
         "Open a web page in a fresh headless browser, optionally run steps (click, fill, "
         "press, select, wait_for, scroll, hover, check, goto), and extract text, markdown, "
-        "links, title, html or a screenshot. Every request goes through the tenant's egress "
-        "policy: internal and private addresses are refused.",
+        "links, title, html, a screenshot, tables, or named selectors (JSON under "
+        "output.data); a PDF gives its text. Every request goes through the tenant's egress "
+        "policy: internal and private addresses are refused (denied); third-party "
+        "sub-resources outside the tenant's domain list are skipped and listed in "
+        "output.blocked.",
     ),
     _Tool(
         "files",

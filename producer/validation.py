@@ -52,6 +52,8 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     # A discriminated union puts the tag ("code") first; the agent never wrote it.
     if parts and parts[0] in PRIMITIVES:
         parts = parts[1:]
+    # Tags in parentheses name a union's branch (e.g. "(selector)"), not a field.
+    parts = [p for p in parts if not (isinstance(p, str) and p.startswith("("))]
     return ".".join(str(p) for p in parts) or "(message)"
 
 

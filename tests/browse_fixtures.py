@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import io
 import os
 import shutil
 import threading
@@ -65,11 +66,97 @@ PAGES: dict[str, tuple[str, str]] = {
 }
 
 
+def make_pdf(pages: list[str], title: str = "") -> bytes:
+    """A real PDF (1.4, one Helvetica line per page), built byte by byte: the fixture
+    does not share code with the reader it tests."""
+    objects: list[bytes] = [b"<< /Type /Catalog /Pages 2 0 R >>", b""]
+    kids: list[str] = []
+    font = 3 + 2 * len(pages)
+    for i, text in enumerate(pages):
+        page_no, content_no = 3 + 2 * i, 4 + 2 * i
+        kids.append(f"{page_no} 0 R")
+        escaped = text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+        stream = f"BT /F1 18 Tf 72 720 Td ({escaped}) Tj ET".encode("latin-1")
+        objects.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {content_no} 0 R "
+            f"/Resources << /Font << /F1 {font} 0 R >> >> >>".encode()
+        )
+        objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(pages)} >>".encode()
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    info = len(objects) + 1
+    objects.append(f"<< /Title ({title}) >>".encode("latin-1"))
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for n, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % n + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % off for off in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R /Info %d 0 R >>\n" % (len(objects) + 1, info)
+    out += b"startxref\n%d\n%%%%EOF\n" % xref
+    return bytes(out)
+
+
+def _encrypted(pdf: bytes, user_password: str) -> bytes:
+    """``pdf`` encrypted (AES-256) with ``user_password`` ("" = opens without one)."""
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(pdf)))
+    writer.encrypt(user_password=user_password, owner_password="owner-pw", algorithm="AES-256")
+    buf = io.BytesIO()
+    writer.write(buf)
+    return buf.getvalue()
+
+
+PDF_PAGES = ["First page of the report", "Second page: results", "Third page: appendix"]
+GOOD_PDF = make_pdf(PDF_PAGES, title="Quarterly Report")
+
+
+def pdf_variant(kind: str) -> bytes:
+    if kind == "good":
+        return GOOD_PDF
+    if kind == "locked":
+        return _encrypted(GOOD_PDF, "s3cret")
+    if kind == "owner-only":
+        return _encrypted(GOOD_PDF, "")
+    if kind == "broken":
+        return GOOD_PDF[:200] + b"\x00garbage" * 20  # header and a cut first object
+    if kind == "big":
+        return make_pdf([f"page {i} " + "x" * 60 for i in range(200)])
+    raise KeyError(kind)
+
+
+def shop_page(n: int) -> str:
+    """A product list, a button and three tables (thead, th first row, no header)."""
+    names = ["Widget", "Gadget & Co", "Doohickey"]
+    items = "".join(
+        f'<li class="product"><a class="name" href="/p/{i}">{html.escape(names[i % 3])}</a> '
+        f'<span class="price">${3 + i}.50</span></li>'
+        for i in range(n)
+    )
+    return (
+        f'<main><h1>Shop</h1><ul id="products">{items}</ul>'
+        '<button id="buy"><b>Add</b> to cart</button>'
+        '<table id="specs"><caption>Specs</caption><thead><tr><th>Name</th><th>Weight</th>'
+        "</tr></thead><tbody><tr><td>Widget</td><td>1 kg</td></tr><tr><td>Gadget</td>"
+        "<td>2\n   kg</td></tr></tbody></table>"
+        "<table><tr><th>Q</th><th>A</th></tr><tr><td>Ships?</td><td>Yes</td></tr></table>"
+        "<table><tr><td>no</td><td>header</td></tr></table></main>"
+    )
+
+
 @dataclass
 class Site:
     port: int
-    server: ThreadingHTTPServer
+    server: _Server
     release: threading.Event  # set at teardown: lets hung responses end
+
+    @property
+    def connections(self) -> int:
+        """Connections this server accepted (any bytes at all, TLS or garbage too)."""
+        return self.server.accepted
 
     def url(self, path: str = "/", host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -141,6 +228,34 @@ def _handler(release: threading.Event) -> type[BaseHTTPRequestHandler]:
                     "</script>"
                 )
                 self._send(200, _PAGE.format(title="WS", body=body).encode())
+            elif path == "/mixed":
+                # An article that pulls an image, a script, a fetch and a websocket from
+                # ?other= (a host:port), and says when the fetch and the socket failed.
+                other = html.escape(q["other"], quote=True)
+                body = (
+                    '<main><h1>Allowed article</h1><p id="body">The allowed text.</p>'
+                    '<p id="fetch">fetch pending</p><p id="ws">ws pending</p></main>'
+                    f'<img src="/pixel.png"><img src="http://{other}/tracker.png">'
+                    f'<script src="https://{other}/lib.js"></script>'
+                    f"<script>fetch('http://{other}/api').then("
+                    "() => { document.getElementById('fetch').textContent = 'fetch-ok'; },"
+                    " () => { document.getElementById('fetch').textContent = 'fetch-failed'; });"
+                    f"const ws = new WebSocket('ws://{other}/ws');"
+                    "const say = (t) => { document.getElementById('ws').textContent = t; };"
+                    "ws.onerror = () => say('ws-failed'); ws.onopen = () => say('ws-open');"
+                    "</script>"
+                )
+                self._send(200, _PAGE.format(title="Mixed", body=body).encode())
+            elif path == "/leave":
+                # A link that navigates the page itself to ?to=.
+                to = html.escape(q["to"], quote=True)
+                body = f'<a id="leave" href="{to}">leave</a>'
+                self._send(200, _PAGE.format(title="Leave", body=body).encode())
+            elif path == "/shop":
+                body = shop_page(int(q.get("n", 3)))
+                self._send(200, _PAGE.format(title="Shop", body=body).encode())
+            elif path.endswith(".pdf"):
+                self._send(200, pdf_variant(q.get("kind", "good")), "application/pdf")
             elif path == "/pixel.png":
                 self._send(200, b"\x89PNG\r\n\x1a\n", "image/png")
             elif path == "/hang":
@@ -166,6 +281,11 @@ def _handler(release: threading.Event) -> type[BaseHTTPRequestHandler]:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    accepted = 0
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        self.accepted += 1  # counted before any parsing: a TLS hello counts too
+        return True
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The proxy cuts connections on purpose (page budget, timeouts): not an error.
@@ -196,6 +316,10 @@ RESOLVER = StaticResolver(
         "site.test": ["127.0.0.1"],
         "metadata.test": ["169.254.169.254"],
         "private.test": ["10.0.0.1"],
+        # A third-party host (a second loopback server) and an allow-listed name that
+        # points at a private address.
+        "cdn.test": ["127.0.0.1"],
+        "intranet.site.test": ["10.0.0.2"],
     }
 )
 

@@ -113,6 +113,15 @@ class BrowseLimits(_Strict):
     max_page_bytes: int = Field(32 << 20, ge=1024, description="all bytes a page pulls in")
     max_screenshot_bytes: int = Field(4 << 20, ge=1024, le=64 << 20)
     max_extract_chars: int = Field(1 << 20, ge=1024, le=16 << 20, description="per extract")
+    subresource_refusal: Literal["drop", "deny"] = Field(
+        "drop",
+        description="a sub-resource refused only by the domain lists: 'drop' it and go on "
+        "(listed in output.blocked), or 'deny' the whole action",
+    )
+    max_pdf_bytes: int = Field(
+        16 << 20, ge=1024, le=256 << 20, description="largest PDF a browse action reads"
+    )
+    max_pdf_pages: int = Field(200, ge=1, le=10_000, description="PDF pages read for text")
 
     @model_validator(mode="after")
     def _defaults_within_max(self) -> BrowseLimits:

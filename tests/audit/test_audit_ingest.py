@@ -20,6 +20,7 @@ import pytest
 from audit import reports
 from audit.config import DEAD_STREAM, GROUP, STREAM
 from audit.emitter import AuditMiddleware
+from audit.schema import MIGRATIONS
 from audit.store import ClientReader
 from tests.audit_fixtures import (
     IngesterProcess,
@@ -107,7 +108,7 @@ def test_every_stage_lands_for_each_outcome(tmp_path: Path) -> None:
             versions = db.query(
                 "SELECT version FROM actionfleet.schema_migrations ORDER BY version"
             ).rows
-            assert versions == [[1], [2]]
+            assert versions == [[m.version] for m in MIGRATIONS]
 
 
 # ------------------------------------------------------------------- exactly once

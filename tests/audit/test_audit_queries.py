@@ -162,6 +162,7 @@ def test_cli_queries_while_the_ingester_holds_the_store(tmp_path: Path) -> None:
             out = _cli("sql", "SELECT count() AS n FROM actionfleet.audit_events", dsn=dsn)
             assert out.returncode == 0, out.stderr
             assert json.loads(out.stdout) == {"n": 12}
+            _queries_as_people_type_them(dsn, events=12, results=3)
             out = _cli("trace", ids[1], dsn=dsn)
             assert out.returncode == 0, out.stderr
             stages = [json.loads(line)["stage"] for line in out.stdout.splitlines()]
@@ -220,18 +221,54 @@ def test_cli_queries_while_the_ingester_holds_the_store(tmp_path: Path) -> None:
         out = _cli("sql", "SELECT count() AS n FROM actionfleet.action_results", dsn=dsn)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout) == {"n": 3}
+        _queries_as_people_type_them(dsn, events=12, results=3)
+
+
+def _one_line_error(out: subprocess.CompletedProcess[str], *names: str) -> str:
+    assert out.returncode == 1 and out.stdout == "", out
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert "Traceback" not in out.stderr and "DB::Exception" not in out.stderr
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def _queries_as_people_type_them(dsn: str, events: int, results: int) -> None:
+    """Without the database prefix, and errors as one line naming what is wrong."""
+    out = _cli("sql", "SELECT count() AS n FROM audit_events", dsn=dsn)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"n": events}
+    out = _cli(
+        "sql",
+        "SELECT status, count() AS n FROM action_results WHERE tenant_id = {t:String} "
+        "GROUP BY status",
+        "--param",
+        "t=acme",
+        dsn=dsn,
+    )
+    assert out.returncode == 0, out.stderr
+    assert sum(json.loads(line)["n"] for line in out.stdout.splitlines()) == results
+    _one_line_error(_cli("sql", "SELECT tenant FROM audit_events", dsn=dsn), "'tenant'", "column")
+    line = _one_line_error(_cli("sql", "SELECT * FROM audit_evnts", dsn=dsn), "'audit_evnts'")
+    assert "table" in line and "audit_events" in line  # what exists
+    _one_line_error(_cli("sql", "SELECT * FROM audit.audit_events", dsn=dsn), "'audit'")
+    _one_line_error(_cli("sql", "SELECT * FROM audit_events WHERE", dsn=dsn), "syntax error")
 
 
 # ---------------------------------------------------------------------- schema
 
 
 def test_schema_is_versioned_and_retention_configurable(tmp_path: Path) -> None:
+    from audit.schema import MIGRATIONS
+
+    latest = MIGRATIONS[-1].version
     client = connect(f"chdb://{tmp_path}/store")
     try:
-        assert migrate(client, retention_days=365) == 2
-        assert migrate(client, retention_days=30) == 2  # no re-run, TTL reconciled
+        assert migrate(client, retention_days=365) == latest
+        assert migrate(client, retention_days=30) == latest  # no re-run, TTL reconciled
         versions = client.query("SELECT version FROM actionfleet.schema_migrations").result_rows
-        assert sorted(versions) == [(1,), (2,)]
+        assert sorted(versions) == [(m.version,) for m in MIGRATIONS]
         for table in ("audit_events", "action_results"):
             engine = client.query(
                 "SELECT engine_full, partition_key FROM system.tables "
@@ -248,6 +285,7 @@ def test_schema_is_versioned_and_retention_configurable(tmp_path: Path) -> None:
         )
         assert cols["tenant_id"] == "LowCardinality(String)"
         assert cols["key_id"] == "LowCardinality(String)"
+        assert cols["blocked_requests"] == "UInt32"
         assert cols["gen_ai.tool.name"] == "String"  # OpenTelemetry alias of primitive
     finally:
         client.close()
@@ -256,8 +294,8 @@ def test_schema_is_versioned_and_retention_configurable(tmp_path: Path) -> None:
 def test_a_version_1_store_is_upgraded_with_its_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A store made before producer keys: v2 adds key_id to both tables and to the view
-    that fills action_results, and keeps every row."""
+    """A store made before producer keys: v2 adds key_id and v4 blocked_requests to both
+    tables and to the view that fills action_results, and keeps every row."""
     import audit.store
     from audit.schema import MIGRATIONS
 
@@ -272,14 +310,19 @@ def test_a_version_1_store_is_upgraded_with_its_rows(
         assert migrate(client) == 1
         client.command(finished.format(extra="", action="'old'", extra_value=""))
         monkeypatch.setattr(audit.store, "MIGRATIONS", MIGRATIONS)
-        assert migrate(client) == 2
+        assert migrate(client) == MIGRATIONS[-1].version
         client.command(
-            finished.format(extra=", key_id", action="'new'", extra_value=", 'k0123456789abcdef'")
+            finished.format(
+                extra=", key_id, blocked_requests",
+                action="'new'",
+                extra_value=", 'k0123456789abcdef', 7",
+            )
         )
         rows = client.query(
-            "SELECT action_id, key_id FROM actionfleet.action_results ORDER BY action_id"
+            "SELECT action_id, key_id, blocked_requests FROM actionfleet.action_results "
+            "ORDER BY action_id"
         ).result_rows
-        assert rows == [("new", "k0123456789abcdef"), ("old", "")]
+        assert rows == [("new", "k0123456789abcdef", 7), ("old", "", 0)]
         # The ingester's repair of a results row lost to a kill writes the upgraded table
         # too (columns by name: key_id is not the table's last column).
         (event_id,) = client.query(
@@ -291,9 +334,9 @@ def test_a_version_1_store_is_upgraded_with_its_rows(
         )
         repair_results(client, {event_id})
         rows = client.query(
-            "SELECT action_id, key_id, status FROM actionfleet.action_results "
+            "SELECT action_id, key_id, status, blocked_requests FROM actionfleet.action_results "
             "WHERE action_id = 'new'"
         ).result_rows
-        assert rows == [("new", "k0123456789abcdef", "succeeded")]
+        assert rows == [("new", "k0123456789abcdef", "succeeded", 7)]
     finally:
         client.close()

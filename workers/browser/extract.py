@@ -1,4 +1,5 @@
-"""What an action reads from the final page: text, markdown, links, title, html.
+"""What an action reads from the final page: text, markdown, links, title, html, and the
+structured ``data`` (named selectors, tables: ``workers.browser.structured``).
 
 Conversion runs inside the page (one ``evaluate`` per extract) so it sees the rendered
 DOM, resolved absolute URLs and no more than the page really shows; no HTML parser is
@@ -11,7 +12,10 @@ from typing import Any
 
 from playwright.async_api import Page
 
-__all__ = ["MAX_LINKS", "extract_all"]
+from producer.models import ExtractSelector
+from workers.browser.structured import extract_data
+
+__all__ = ["MAX_LINKS", "empty_data", "extract_all", "split_extract"]
 
 MAX_LINKS = 1_000
 
@@ -144,8 +148,29 @@ def _cap(value: str, limit: int) -> tuple[str, bool]:
     return value[:limit], True
 
 
-async def extract_all(page: Page, wanted: list[str], max_chars: int) -> dict[str, Any]:
-    """The requested text extracts (screenshot is handled by the caller)."""
+def split_extract(
+    extract: list[str | ExtractSelector],
+) -> tuple[list[str], list[tuple[int, ExtractSelector]]]:
+    """(names, selectors with their index in ``payload.extract``)."""
+    names = [e for e in extract if isinstance(e, str)]
+    selectors = [(i, e) for i, e in enumerate(extract) if isinstance(e, ExtractSelector)]
+    return names, selectors
+
+
+def empty_data(names: list[str], selectors: list[tuple[int, ExtractSelector]]) -> dict[str, Any]:
+    """``output.data`` of a document without a DOM (a PDF): every key, nothing found."""
+    data: dict[str, Any] = {s.name: [] if s.all else None for _, s in selectors}
+    if "tables" in names:
+        data["tables"] = []
+    return data
+
+
+async def extract_all(
+    page: Page, extract: list[str | ExtractSelector], max_chars: int
+) -> dict[str, Any]:
+    """The requested extracts (screenshot is handled by the caller); ``data`` when named
+    selectors or tables were asked for."""
+    wanted, selectors = split_extract(extract)
     out: dict[str, Any] = {}
     truncated: list[str] = []
     for name in dict.fromkeys(wanted):  # each once, in the order asked
@@ -161,10 +186,13 @@ async def extract_all(page: Page, wanted: list[str], max_chars: int) -> dict[str
             if len(links) >= MAX_LINKS:
                 truncated.append("links")
             continue
-        else:  # title is always in the output; screenshot is not text
+        else:  # title is always in the output; screenshot is not text; tables is data
             continue
         out[name], cut = _cap(str(value or ""), max_chars)
         if cut:
             truncated.append(name)
+    if selectors or "tables" in wanted:
+        out["data"], cut_data = await extract_data(page, selectors, "tables" in wanted, max_chars)
+        truncated += cut_data
     out["truncated"] = truncated
     return out

@@ -35,27 +35,22 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from producer.errors import NetworkBlocked
+from workers.browser.proxy_http import (
+    HOP_HEADERS,
+    parse_head,
+    read_head,
+    reply,
+    split_authority,
+)
 from workers.outbound.egress import EgressGuard, Target
 
 __all__ = ["ProxySession", "RequestRecord"]
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD_BYTES = 64 * 1024
 CONNECT_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 60.0
 _CHUNK = 64 * 1024
-# Hop-by-hop headers (RFC 9110 7.6.1) and the proxy's own: never forwarded upstream.
-_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"proxy-authorization",
-    b"proxy-authenticate",
-    b"te",
-    b"trailer",
-    b"upgrade",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +61,10 @@ class RequestRecord:
     reason: str  # the guard's reason (address, domain, scheme, port, dns) or "upstream"
     message: str
     address: str | None = None
+    host: str = ""
+    port: int = 0
+    # Which domain rule refused it (allow_domains, deny_domains, ip_literal), if one did.
+    rule: str = ""
 
 
 @dataclass
@@ -75,6 +74,7 @@ class _Stats:
     requests: int = 0
     blocked: list[RequestRecord] = field(default_factory=list)
     failed: list[RequestRecord] = field(default_factory=list)
+    refused: int = 0  # every refusal, also those past max_records
     over_budget: bool = False
 
 
@@ -139,6 +139,11 @@ class ProxySession:
             return list(self.stats.failed)
 
     @property
+    def refused(self) -> int:
+        """How many requests the guard refused (the lists above keep ``max_records``)."""
+        return self.stats.refused
+
+    @property
     def over_budget(self) -> bool:
         return self.stats.over_budget
 
@@ -181,6 +186,8 @@ class ProxySession:
 
     def _record(self, kind: str, rec: RequestRecord) -> None:
         with self.stats.lock:
+            if kind == "blocked":
+                self.stats.refused += 1
             target = self.stats.blocked if kind == "blocked" else self.stats.failed
             if len(target) < self.max_records:
                 target.append(rec)
@@ -203,10 +210,10 @@ class ProxySession:
         upstream: socket.socket | None = None
         try:
             client.settimeout(IDLE_TIMEOUT_S)
-            head, rest = _read_head(client)
+            head, rest = read_head(client)
             if head is None:
                 return
-            method, target, version, headers = _parse_head(head)
+            method, target, version, headers = parse_head(head)
             with self.stats.lock:
                 self.stats.requests += 1
             if method == b"CONNECT":
@@ -226,21 +233,36 @@ class ProxySession:
                 self._untrack(upstream)
             self._untrack(client)
 
-    def _check(self, client: socket.socket, url: str, check: Callable[[], Target]) -> Target | None:
+    def _check(
+        self,
+        client: socket.socket,
+        url: str,
+        host: str,
+        port: int,
+        check: Callable[[], Target],
+    ) -> Target | None:
         """Run a guard check; on refusal record it and answer 403 (nothing was sent)."""
         try:
             return check()
         except NetworkBlocked as exc:
             details = exc.details
             reason = str(details.get("reason", "blocked"))
-            rec = RequestRecord(url, reason, exc.message, details.get("address"))
+            rec = RequestRecord(
+                url,
+                reason,
+                exc.message,
+                details.get("address"),
+                host=str(details.get("host") or host).lower(),
+                port=port,
+                rule=str(details.get("rule") or ""),
+            )
             if reason == "dns":
                 # A name that does not resolve is a dead link, not a policy refusal.
                 self._record("failed", rec)
-                _reply(client, 502, "name does not resolve")
+                reply(client, 502, "name does not resolve")
             else:
                 self._record("blocked", rec)
-                _reply(client, 403, "refused by the tenant's egress policy")
+                reply(client, 403, "refused by the tenant's egress policy")
             return None
 
     def _connect(self, client: socket.socket, url: str, target: Target) -> socket.socket | None:
@@ -248,16 +270,18 @@ class ProxySession:
             upstream = self.guard.connect(target, timeout=CONNECT_TIMEOUT_S)
         except OSError as exc:
             self._record("failed", RequestRecord(url, "upstream", f"connect failed: {exc}"))
-            _reply(client, 502, "upstream connection failed")
+            reply(client, 502, "upstream connection failed")
             return None
         self._track(upstream)
         upstream.settimeout(IDLE_TIMEOUT_S)
         return upstream
 
     def _open_connect(self, client: socket.socket, authority: str) -> socket.socket | None:
-        host, port = _split_authority(authority)
+        host, port = split_authority(authority)
         url = f"https://{authority}"
-        target = self._check(client, url, lambda: self.guard.check("https", host, port, url=url))
+        target = self._check(
+            client, url, host, port, lambda: self.guard.check("https", host, port, url=url)
+        )
         return None if target is None else self._connect(client, url, target)
 
     def _forward_http(
@@ -271,12 +295,16 @@ class ProxySession:
     ) -> socket.socket | None:
         url = raw_target.decode("latin-1")
         parts = urlsplit(url)
+        try:
+            port = parts.port or 80
+        except ValueError:
+            port = 0  # the guard refuses the malformed URL below
         if parts.scheme.lower() != "http" or not parts.hostname:
             # Only absolute http:// URIs; anything else is not a proxy request.
             self._record("blocked", RequestRecord(url, "scheme", f"not a proxy request: {url}"))
-            _reply(client, 400, "absolute http:// URI expected")
+            reply(client, 400, "absolute http:// URI expected")
             return None
-        target = self._check(client, url, lambda: self.guard.check_url(url))
+        target = self._check(client, url, parts.hostname, port, lambda: self.guard.check_url(url))
         if target is None:
             return None
         upstream = self._connect(client, url, target)
@@ -289,10 +317,10 @@ class ProxySession:
         length = 0
         for name, value in headers:
             low = name.lower()
-            if low in _HOP:
+            if low in HOP_HEADERS:
                 continue
             if low == b"transfer-encoding":
-                _reply(client, 501, "chunked request bodies are not supported by the proxy")
+                reply(client, 501, "chunked request bodies are not supported by the proxy")
                 return upstream
             if low == b"content-length":
                 length = int(value.strip())
@@ -339,49 +367,3 @@ class ProxySession:
         up.start()
         pump(upstream, client, True)
         up.join(timeout=IDLE_TIMEOUT_S)
-
-
-def _read_head(sock: socket.socket) -> tuple[bytes | None, bytes]:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        if len(buf) > MAX_HEAD_BYTES:
-            _reply(sock, 431, "request head too large")
-            return None, b""
-        chunk = sock.recv(_CHUNK)
-        if not chunk:
-            return None, b""
-        buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    return head, rest
-
-
-def _parse_head(head: bytes) -> tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]]]:
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3:
-        raise ValueError(f"bad request line {lines[0][:200]!r}")
-    method, target, version = parts
-    headers: list[tuple[bytes, bytes]] = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            raise ValueError("bad header line")
-        headers.append((name.strip(), value.strip()))
-    return method.upper(), target, version, headers
-
-
-def _split_authority(authority: str) -> tuple[str, int]:
-    host, sep, port = authority.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"CONNECT target {authority!r} has no port")
-    return host.strip("[]"), int(port)
-
-
-def _reply(sock: socket.socket, status: int, reason: str) -> None:
-    body = f"{status} {reason}\n".encode()
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    with contextlib.suppress(OSError):
-        sock.sendall(head + body)

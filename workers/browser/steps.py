@@ -88,6 +88,7 @@ class PageRun:
     page: Page
     deadline: float  # loop.time() by which everything must be done
     status: int | None = None
+    content_type: str | None = None  # of the main frame's last navigation response
     step: int | None = None  # index of the running step (None: first navigation)
     page_errors: list[str] = field(default_factory=list)
     crashed: bool = False
@@ -102,6 +103,7 @@ class PageRun:
     def _on_response(self, response: Response) -> None:
         if response.frame == self.page.main_frame and response.request.is_navigation_request():
             self.status = response.status
+            self.content_type = response.headers.get("content-type")
 
     def _on_page_error(self, error: Any) -> None:
         if len(self.page_errors) < MAX_PAGE_ERRORS:
@@ -122,6 +124,7 @@ class PageRun:
         response = await self.page.goto(url, wait_until="load", timeout=self._ms(step_timeout_s))
         if response is not None:
             self.status = response.status
+            self.content_type = response.headers.get("content-type")
 
     async def run_steps(self, steps: list[BrowseStep]) -> None:
         for i, step in enumerate(steps):

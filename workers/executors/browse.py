@@ -7,9 +7,11 @@ connects only to pinned addresses.
 
 Outcomes, in the order they are decided:
 
-1. Any request refused by the egress policy (navigation, redirect, sub-resource,
-   websocket) -> ``denied`` / ``network_blocked``, every blocked URL in
-   ``error.details.blocked``; what the page produced is still in ``output``.
+1. A request refused by the address rules, the port or scheme allowlists, or a navigation
+   of the page refused by the domain lists -> ``denied`` / ``network_blocked``, every
+   such URL in ``error.details.blocked``; what the page produced is still in ``output``.
+   A sub-resource refused only by the domain lists is dropped and listed in
+   ``output.blocked`` (``workers.browser.refusals``; ``browse.subresource_refusal``).
 2. The page pulled more than ``browse.max_page_bytes`` -> ``resource_exhausted``.
 3. The action's ``timeout_s`` passed -> ``timed_out`` (the context is closed; the worker
    goes on serving).
@@ -38,9 +40,11 @@ from producer.errors import (
 )
 from producer.models import Action, BrowseAction, BrowsePayload
 from workers.browser.artifacts import save_artifact
-from workers.browser.extract import extract_all
+from workers.browser.extract import empty_data, extract_all, split_extract
 from workers.browser.manager import BrowserManager, LaunchOptions
+from workers.browser.pdf import is_pdf, read_pdf
 from workers.browser.proxy import ProxySession
+from workers.browser.refusals import Navigations, blocked_entry, hard_entry, split_refusals
 from workers.browser.steps import PageRun, check_steps, page_crashed
 from workers.browser.storage import load_storage_state
 from workers.middleware import ActionContext
@@ -108,22 +112,27 @@ class BrowseExecutor:
                 self.secrets, p.session, p.url, redact
             )
         partial: dict[str, Any] = {"url": p.url}
+        navigations = Navigations()
+        navigations.add(p.url)
         with ProxySession(guard, max_bytes=limits.max_page_bytes) as proxy:
             context_options["proxy"] = {"server": proxy.server}
             try:
                 output, png = self.manager.run(
                     lambda context: self._until_over_budget(
-                        proxy, self._browse(context, p, limits, timeout_s, partial)
+                        proxy,
+                        self._browse(context, p, limits, timeout_s, partial, navigations, proxy),
                     ),
                     context_options=context_options,
                     timeout_s=timeout_s,
                     on_timeout=lambda: dict(partial),
                 )
             except ActionError as exc:
-                _refusals_first(proxy, limits, exc.output or dict(partial))
+                if exc.output is None:
+                    exc.output = dict(partial)
+                _refusals_first(proxy, limits, navigations, exc.output, ctx)
                 raise
             output["bytes_received"] = proxy.bytes_in
-            _refusals_first(proxy, limits, output)
+            _refusals_first(proxy, limits, navigations, output, ctx)
         if png is not None:
             output["screenshot"] = save_artifact(
                 self.workspaces,
@@ -176,8 +185,11 @@ class BrowseExecutor:
         limits: BrowseLimits,
         timeout_s: float,
         partial: dict[str, Any],
+        navigations: Navigations,
+        proxy: ProxySession,
     ) -> tuple[dict[str, Any], bytes | None]:
         page = await context.new_page()
+        navigations.watch(page)
         deadline = asyncio.get_running_loop().time() + timeout_s
         run = PageRun(page, deadline)
         try:
@@ -197,7 +209,7 @@ class BrowseExecutor:
         await run.run_steps(p.steps)
         partial.update(url=page.url, status=run.status)
         try:
-            return await self._read(page, run, p, limits)
+            return await self._read(page, run, p, limits, proxy)
         except PlaywrightTimeout:
             raise
         except PlaywrightError as exc:
@@ -206,14 +218,23 @@ class BrowseExecutor:
             raise
 
     async def _read(
-        self, page: Page, run: PageRun, p: BrowsePayload, limits: BrowseLimits
+        self, page: Page, run: PageRun, p: BrowsePayload, limits: BrowseLimits, proxy: ProxySession
     ) -> tuple[dict[str, Any], bytes | None]:
         output: dict[str, Any] = {
             "url": page.url,
             "status": run.status,
             "title": await page.title(),
         }
-        output |= await extract_all(page, list(p.extract), limits.max_extract_chars)
+        if is_pdf(run.content_type) and (run.status or 0) < 400:
+            names, selectors = split_extract(list(p.extract))
+            left = run.deadline - asyncio.get_running_loop().time()
+            pdf, truncated = await read_pdf(page, page.url, names, limits, proxy.server, left)
+            output |= pdf
+            if selectors or "tables" in names:
+                output["data"] = empty_data(names, selectors)
+            output["truncated"] = truncated
+        else:
+            output |= await extract_all(page, list(p.extract), limits.max_extract_chars)
         png = None
         if "screenshot" in p.extract:
             png = await page.screenshot(type="png", full_page=False, animations="disabled")
@@ -254,21 +275,37 @@ def _check_agent_url(guard: EgressGuard, url: str, field: str) -> None:
         raise
 
 
-def _refusals_first(proxy: ProxySession, limits: BrowseLimits, output: dict[str, Any]) -> None:
-    """A refused request or a blown page budget outranks whatever else happened: the
-    page may have failed *because* of it, and the agent must learn the real cause."""
-    blocked = proxy.blocked
-    if blocked:
-        first = blocked[0]
+def _refusals_first(
+    proxy: ProxySession,
+    limits: BrowseLimits,
+    navigations: Navigations,
+    output: dict[str, Any],
+    ctx: ActionContext,
+) -> None:
+    """Dropped sub-resources go into ``output.blocked``; a hard refusal or a blown page
+    budget outranks whatever else happened: the page may have failed *because* of it,
+    and the agent must learn the real cause."""
+    hard, dropped = split_refusals(proxy.blocked, navigations, limits.subresource_refusal)
+    # One entry per URL: a page that asks a refused host ten times is one line to read.
+    entries: dict[str, dict[str, Any]] = {}
+    for b in dropped:
+        entries.setdefault(b.url, blocked_entry(b))
+    output["blocked"] = list(entries.values())
+    if proxy.refused > len(proxy.blocked) and "blocked" not in output.get("truncated", []):
+        output.setdefault("truncated", []).append("blocked")  # more than max_records
+    # The audit row counts every refused request (audit.events reads ctx.extra["usage"]).
+    ctx.extra.setdefault("usage", {})["blocked_requests"] = proxy.refused
+    if hard:
+        first = hard[0]
         raise NetworkBlocked(
             f"the page requested {first.url}, which the tenant's egress policy refuses "
             f"({first.message}); "
-            + (f"{len(blocked) - 1} more request(s) were refused too; " if len(blocked) > 1 else "")
+            + (f"{len(hard) - 1} more request(s) were refused too; " if len(hard) > 1 else "")
             + "browse only allowed destinations, or ask for the policy to allow it",
             output=output,
             url=first.url,
             reason=first.reason,
-            blocked=[{"url": b.url, "reason": b.reason, "address": b.address} for b in blocked],
+            blocked=[hard_entry(b) for b in hard],
         )
     if proxy.over_budget:
         raise ResourceExhausted(

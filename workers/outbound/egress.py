@@ -2,7 +2,9 @@
 
 Every primitive that leaves the worker (browse, api, email) goes through ``EgressGuard``:
 
-1. ``check_url`` — scheme and port allowlists, then the tenant's domain policy.
+1. ``check_url`` — the scheme allowlist, the tenant's domain lists (``reason="domain"``,
+   with ``rule`` = ``allow_domains`` / ``deny_domains`` / ``ip_literal``; a name refused
+   here is never resolved), then the port allowlist.
 2. ``resolve`` — the host is resolved ONCE (IP literals in any encoding are normalized,
    e.g. ``2130706433``, ``0177.0.0.1``, ``[::ffff:127.0.0.1]``) and EVERY address is
    checked against the address rules; one bad address refuses the whole host, so a DNS
@@ -238,6 +240,10 @@ class EgressGuard:
         return self.check(scheme, parts.hostname, port or _DEFAULT_PORTS.get(scheme, 0), url=url)
 
     def check(self, scheme: str, host: str, port: int, *, url: str | None = None) -> Target:
+        """Scheme, then the domain lists (a name refused by them is never resolved), then
+        the port, then every address. An IP literal is judged by the address rules before
+        the domain lists, so a page that names a private address outright is refused as
+        an address (``reason="address"``), not merely as an unlisted host."""
         where = url or f"{scheme}://{host}:{port}"
         if scheme not in self.policy.schemes:
             raise NetworkBlocked(
@@ -246,6 +252,30 @@ class EgressGuard:
                 url=where,
                 reason="scheme",
             )
+        parsed = parse_host(host)
+        if isinstance(parsed, str):
+            self._check_domain(parsed, where)
+        self._check_port(port, where)
+        if isinstance(parsed, str):
+            addresses = self._resolve(parsed, port, where)
+            name = parsed
+        else:
+            name = str(parsed)
+            self._check_address(parsed, where, name)
+            if self.policy.allow_domains and not self._address_allowed_explicitly(parsed):
+                raise NetworkBlocked(
+                    f"{where}: IP addresses are not allowed when the policy lists domains",
+                    url=where,
+                    host=name,
+                    reason="domain",
+                    rule="ip_literal",
+                )
+            addresses = [parsed]
+        for ip in addresses:
+            self._check_address(ip, where, name)
+        return Target(scheme, name, port, tuple(addresses))
+
+    def _check_port(self, port: int, where: str) -> None:
         if not self.policy.any_port and port not in self.policy.ports:
             raise NetworkBlocked(
                 f"port {port} is not allowed ({where}); allowed: "
@@ -253,28 +283,15 @@ class EgressGuard:
                 url=where,
                 reason="port",
             )
-        parsed = parse_host(host)
-        if isinstance(parsed, str):
-            self._check_domain(parsed, where)
-            addresses = self._resolve(parsed, port, where)
-            name = parsed
-        else:
-            if self.policy.allow_domains and not self._address_allowed_explicitly(parsed):
-                raise NetworkBlocked(
-                    f"{where}: IP addresses are not allowed when the policy lists domains",
-                    url=where,
-                    reason="domain",
-                )
-            addresses = [parsed]
-            name = str(parsed)
-        for ip in addresses:
-            self._check_address(ip, where, name)
-        return Target(scheme, name, port, tuple(addresses))
 
     def _check_domain(self, host: str, where: str) -> None:
         if any(_domain_matches(host, d) for d in self.policy.deny_domains):
             raise NetworkBlocked(
-                f"{host} is on the tenant's deny list", url=where, host=host, reason="domain"
+                f"{host} is on the tenant's deny list",
+                url=where,
+                host=host,
+                reason="domain",
+                rule="deny_domains",
             )
         allow = self.policy.allow_domains
         if allow and not any(_domain_matches(host, d) for d in allow):
@@ -283,6 +300,7 @@ class EgressGuard:
                 url=where,
                 host=host,
                 reason="domain",
+                rule="allow_domains",
             )
 
     def _resolve(self, host: str, port: int, where: str) -> list[IPAddress]:

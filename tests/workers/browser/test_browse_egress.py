@@ -76,7 +76,12 @@ def test_dns_rebinding_is_refused_by_the_proxy(browse_executor: Any, site: Site)
         browse_executor.resolver = RESOLVER
     blocked = _blocked(err)
     assert rebinding.calls >= 2  # the upfront check, then the proxy
-    assert blocked[0] == {"url": url, "reason": "address", "address": "127.0.0.1"}
+    assert blocked[0] == {
+        "url": url,
+        "host": "rebind.test",
+        "reason": "address",
+        "address": "127.0.0.1",
+    }
 
 
 def test_redirect_to_a_refused_address_is_refused(browse_executor: Any, site: Site) -> None:
@@ -84,7 +89,12 @@ def test_redirect_to_a_refused_address_is_refused(browse_executor: Any, site: Si
     err = run_error(browse_executor, browse_action(site.url(f"/redirect?to={quote(target)}")))
     blocked = _blocked(err)
     assert err.details["url"] == target
-    assert blocked[0] == {"url": target, "reason": "address", "address": "169.254.169.254"}
+    assert blocked[0] == {
+        "url": target,
+        "host": "metadata.test",
+        "reason": "address",
+        "address": "169.254.169.254",
+    }
     # Whatever else the browser tried there (e.g. /favicon.ico) was refused the same way.
     assert {b["address"] for b in blocked} == {"169.254.169.254"}
     assert "link-local" in err.message
@@ -93,7 +103,12 @@ def test_redirect_to_a_refused_address_is_refused(browse_executor: Any, site: Si
 def test_subresource_to_a_refused_address_is_blocked(browse_executor: Any, site: Site) -> None:
     err = run_error(browse_executor, browse_action(_subres(site, "http://private.test/x.png")))
     assert _blocked(err) == [
-        {"url": "http://private.test/x.png", "reason": "address", "address": "10.0.0.1"}
+        {
+            "url": "http://private.test/x.png",
+            "host": "private.test",
+            "reason": "address",
+            "address": "10.0.0.1",
+        }
     ]
     # The page itself was allowed and loaded: what it showed is still reported.
     assert err.output["title"] == "Subres" and "page" in err.output["text"]
@@ -103,6 +118,7 @@ def test_https_and_websocket_tunnels_are_checked(browse_executor: Any, site: Sit
     err = run_error(browse_executor, browse_action(_subres(site, "https://metadata.test/x.png")))
     assert _blocked(err)[0] == {
         "url": "https://metadata.test:443",
+        "host": "metadata.test",
         "reason": "address",
         "address": "169.254.169.254",
     }
@@ -120,7 +136,9 @@ def test_loopback_literals_go_through_the_proxy_too(browse_executor: Any, site: 
     other = site.url("/pixel.png", host="127.0.0.2")
     err = run_error(browse_executor, browse_action(_subres(site, other)), only_one)
     # Only the proxy can have seen this request: Chromium did not bypass it for loopback.
-    assert _blocked(err) == [{"url": other, "reason": "address", "address": "127.0.0.2"}]
+    assert _blocked(err) == [
+        {"url": other, "host": "127.0.0.2", "reason": "address", "address": "127.0.0.2"}
+    ]
 
 
 @pytest.mark.parametrize("url", ["http://private.test/", "http://metadata.test/latest"])
