@@ -43,6 +43,19 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU-seconds (user + system) used so far by a process and its live children: the
+    work a worker did, whatever else the machine was running meanwhile."""
+    total = 0
+    for p in [pid, *children(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
 def pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -7,6 +7,9 @@ the same actions unsigned on a worker with ``ACTIONFLEET_AUTH=off``, in the same
 Each worker has its own Redis database (so its own queue); the two are measured in
 alternating pairs, drain (the workers' own capacity) and closed loop (client included:
 signing costs the producer too), and each ratio is the median of the per-pair ratios.
+Beside the wall-clock rates it prints the workers' own CPU time per drained action (from
+/proc, the worker processes only): on a shared machine a neighbour's burst moves the rates,
+much less the CPU an action costs, so that ratio is the steadier reading of the same cost.
 Target (issue 20): verification adds at most 5 % to a trivial action, i.e. a signed/
 unsigned drain ratio of at least 0.95.
 """
@@ -16,9 +19,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from _common import celery_worker, redis_server
+from _common import WORKER_PIDS, celery_worker, redis_server, tree_cpu_s
 from fleet_overhead import POLICY, STAT, closed_loop, drain, paired
 
 
@@ -74,13 +78,29 @@ def main() -> None:
         ):  # fmt: skip
             assert unsigned.run(write, timeout=60).status == "succeeded"
             assert signed.run(write, timeout=60).status == "succeeded"
+            cpu: dict[str, list[float]] = {"off": [], "on": []}
+
+            def measured(node: str, label: str, run: Callable[[], float]) -> float:
+                before = tree_cpu_s(WORKER_PIDS[node])
+                rate = run()
+                cpu[label].append((tree_cpu_s(WORKER_PIDS[node]) - before) / n * 1000)
+                return rate
+
             rows = [
                 (
                     "drain",
                     *paired(
                         args.repeat,
-                        lambda: drain(app0, r0, "actions.files", [off], True, unsigned_all, ok),
-                        lambda: drain(app1, r1, "actions.files", [on], True, signed_all, ok),
+                        lambda: measured(
+                            off,
+                            "off",
+                            lambda: drain(app0, r0, "actions.files", [off], True, unsigned_all, ok),
+                        ),
+                        lambda: measured(
+                            on,
+                            "on",
+                            lambda: drain(app1, r1, "actions.files", [on], True, signed_all, ok),
+                        ),
                     ),
                 ),
                 (
@@ -102,6 +122,14 @@ def main() -> None:
             f"{label:<12} {statistics.median(bases):>11.0f} {statistics.median(subjects):>9.0f}"
             f" {statistics.median(ratios):>16.3f}  " + " ".join(f"{x:.3f}" for x in ratios)
         )
+    per_pair = [a / b for a, b in zip(cpu["off"], cpu["on"], strict=True)]
+    print(
+        f"{'worker CPU':<12} {statistics.median(cpu['off']):>9.3f}ms"
+        f" {statistics.median(cpu['on']):>7.3f}ms"
+        f" {statistics.median(per_pair):>16.3f}  "
+        + " ".join(f"{x:.3f}" for x in per_pair)
+        + "   (CPU per action; ratio unsigned/signed)"
+    )
     print("target: drain ratio >= 0.95 (verification adds at most 5 % to a trivial action)")
 
 

@@ -20,10 +20,11 @@ each message's bytes as above are a leaf of a Merkle tree (SHA-256, leaves and i
 domain-separated, padded to a power of two, at most ``BATCH_LEAVES`` leaves per tree); the
 key signs ``b"actionfleet-batch-v1\n" key_id "\n" depth "\n" root``, and each message
 carries that signature, its leaf ``index`` and the sibling hashes on its ``path`` to the
-root. A message proves itself alone (nothing of the other messages is needed), and a
-worker that already verified a root checks a sibling message with a few hashes instead of
-an Ed25519 verification (``workers.auth.verify``): that is what keeps verification cheap
-for batch work. Every message keeps its own timestamp and nonce.
+root (concatenated, as one base64url string). A message proves itself alone (nothing of
+the other messages is needed), and a worker that already verified a root checks a sibling
+message with a few hashes instead of an Ed25519 verification (``workers.auth.verify``):
+that is what keeps verification cheap for batch work. Every message keeps its own
+timestamp and nonce.
 
 The same seed also derives the producer's Redis password (``redis_credentials``): one
 secret gives both the right to publish (a Redis ACL user that may only push to the action
@@ -117,25 +118,28 @@ def signed_statement(
     ts: int,
     nonce: str,
     index: int | None = None,
-    path: list[str] | None = None,
+    path: str | None = None,
 ) -> bytes | None:
     """The bytes the proof's signature must cover: the message's own (``signed_bytes``),
-    or, for a batch member (``index`` and ``path``), the statement of the tree root its
-    leaf and path lead to. None when the batch proof is malformed."""
+    or, for a batch member (``index`` and ``path``: its sibling hashes, leaf upwards,
+    concatenated and base64url-encoded), the statement of the tree root its leaf and path
+    lead to. None when the batch proof is malformed."""
     if path is None and index is None:
         return signed_bytes(message, key_id, ts, nonce)
-    if path is None or index is None or len(path) > _MAX_DEPTH or not 0 <= index < 2 ** len(path):
+    if path is None or index is None:
         return None
-    node = _leaf(message, key_id, ts, nonce)
     try:
-        for level, sibling_b64 in enumerate(path):
-            sibling = _unb64(sibling_b64)
-            if len(sibling) != 32:
-                return None
-            node = _node(sibling, node) if index >> level & 1 else _node(node, sibling)
+        siblings = _unb64(path)
     except (binascii.Error, ValueError):
         return None
-    return _statement(key_id, len(path), node)
+    depth, rest = divmod(len(siblings), 32)
+    if rest or depth > _MAX_DEPTH or not 0 <= index < 2**depth:
+        return None
+    node = _leaf(message, key_id, ts, nonce)
+    for level in range(depth):
+        sibling = siblings[32 * level : 32 * level + 32]
+        node = _node(sibling, node) if index >> level & 1 else _node(node, sibling)
+    return _statement(key_id, depth, node)
 
 
 def verify_signature(
@@ -146,7 +150,7 @@ def verify_signature(
     nonce: str,
     sig: str,
     index: int | None = None,
-    path: list[str] | None = None,
+    path: str | None = None,
 ) -> bool:
     """True when ``sig`` is the signature of ``message`` (with its proof's fields) by the
     private key of ``public_key`` (raw Ed25519, base64url)."""
@@ -242,7 +246,7 @@ class ProducerKey:
                 levels.append([_node(below[i], below[i + 1]) for i in range(0, len(below), 2)])
             sig = _b64(self._private().sign(_statement(self.key_id, depth, levels[-1][0])))
             for index, (message, nonce) in enumerate(zip(chunk, nonces, strict=True)):
-                path = [_b64(levels[level][index >> level ^ 1]) for level in range(depth)]
+                path = _b64(b"".join(levels[lv][index >> lv ^ 1] for lv in range(depth)))
                 proof = {
                     "key_id": self.key_id,
                     "ts": ts,

@@ -276,8 +276,8 @@ class AuthProof(_Strict):
     # A batch member (ProducerKey.sign_many): the signature covers a Merkle root, and
     # these lead from this action to it.
     index: int | None = Field(None, ge=0, lt=2**20, description="leaf position in the batch")
-    path: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{43}$")]] | None = Field(
-        None, max_length=20, description="sibling hashes from the leaf to the root"
+    path: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{0,854}$")] | None = Field(
+        None, description="the sibling hashes from the leaf to the root, concatenated, base64url"
     )
 
     @model_validator(mode="after")

@@ -3,6 +3,8 @@ verifier accepts (the same functions the workers call)."""
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from producer.auth import BATCH_LEAVES, ProducerKey, verify_signature
@@ -38,7 +40,8 @@ def test_every_member_of_a_signed_batch_verifies_alone(n: int) -> None:
         AuthProof.model_validate(message["auth"])
         assert _verifies(public, message)
     first = signed[0]["auth"]
-    assert len(first["path"]) == (min(n, BATCH_LEAVES) - 1).bit_length()
+    depth = (min(n, BATCH_LEAVES) - 1).bit_length()
+    assert len(base64.urlsafe_b64decode(first["path"] + "==")) == 32 * depth
     # A changed member, a member claiming a sibling's position, a foreign key: refused.
     assert not _verifies(public, {**signed[1], "n": -1})
     assert not _verifies(public, {**signed[0], "auth": {**first, "index": first["index"] ^ 1}})
