@@ -8,7 +8,7 @@ Redis as the key's ACL user, which may publish actions and read its tenant's res
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from celery import Celery, states
@@ -17,6 +17,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from producer.auth import ProducerKey
+from producer.batch import DEFAULT_WINDOW, BatchRunner
 from producer.config import ProducerSettings, producer_settings, with_credentials
 from producer.errors import FleetUnavailable, InvalidAction, ResultTimeout, UnsupportedPrimitive
 from producer.models import Action, ActionResult, queue_for, task_name_for
@@ -53,6 +54,13 @@ class ActionHandle:
     def ready(self) -> bool:
         return self._async.ready()
 
+    def stored(self) -> ActionResult | None:
+        """The result already stored for this action, or None (one read, no wait)."""
+        meta = self._async.backend.get_task_meta(self._async.id, cache=False)
+        if meta.get("status") not in READY_STATES:
+            return None
+        return self._to_result(meta.get("result"))
+
     def result(self, timeout: float | None = None) -> ActionResult:
         """Wait up to ``timeout`` seconds (None: forever). Raises ``ResultTimeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -76,6 +84,9 @@ class ActionHandle:
                     raise ResultTimeout(
                         f"no result for action {self.action_id} after {timeout}s; it may still run"
                     ) from None
+        return self._to_result(value)
+
+    def _to_result(self, value: Any) -> ActionResult:
         if isinstance(value, dict) and "status" in value:
             return ActionResult.model_validate(value)
         # The task itself crashed (it never should: the pipeline catches everything).
@@ -151,7 +162,8 @@ class ActionClient:
 
     # -- sending ----------------------------------------------------------------------
 
-    def _send(self, action: Action) -> ActionHandle:
+    def send(self, action: Action) -> ActionHandle:
+        """Enqueue an action ``validate`` returned; returns at once with a handle."""
         message = action.model_dump(mode="json", by_alias=True)
         if self.key is not None:
             message = self.key.sign(message)
@@ -174,7 +186,7 @@ class ActionClient:
 
     def submit(self, action: Any) -> ActionHandle:
         """Validate and enqueue one action; returns at once with a handle."""
-        return self._send(self.validate(action))
+        return self.send(self.validate(action))
 
     def submit_many(self, actions: Iterable[Any]) -> list[ActionHandle]:
         """Validate every action first, then enqueue them all; all or nothing is sent.
@@ -188,11 +200,39 @@ class ActionClient:
             except InvalidAction as exc:
                 raise InvalidAction(exc.errors, index=index) from None
         with self._app.producer_or_acquire():
-            return [self._send(a) for a in parsed]
+            return [self.send(a) for a in parsed]
+
+    def handle_for(self, action: Action) -> ActionHandle:
+        """A handle on an action sent earlier (by this or another process): its result
+        is kept under the same task id."""
+        task_id = task_id_for(action.tenant_id, action.action_id)
+        return ActionHandle(action, self._app.AsyncResult(task_id))
 
     def run(self, action: Any, timeout: float | None = None) -> ActionResult:
         """Submit and wait for the result."""
         return self.submit(action).result(timeout=timeout)
+
+    def batch(
+        self,
+        actions: Iterable[Any],
+        *,
+        window: int = DEFAULT_WINDOW,
+        rate: float | None = None,
+        timeout: float | None = None,
+        batch_id: str | None = None,
+    ) -> Iterator[ActionResult]:
+        """Stream ``actions`` through the fleet, at most ``window`` in flight and ``rate``
+        sent per second; yields one result per action, in input order. An invalid action
+        yields its ``invalid`` result (with field-level errors) and the batch goes on.
+        Actions without ``action_id``/``idempotency_key`` get ones derived from
+        ``batch_id`` and their 1-based position, so the same batch id sent again runs
+        nothing twice (docs/batch.md)."""
+        runner = BatchRunner(self, batch_id=batch_id, window=window, rate=rate, timeout=timeout)
+        for entry in runner.stream(enumerate(actions, 1)):
+            result = entry.result
+            # An invalid line may lack an id or a primitive; the model wants strings.
+            ident = {"action_id": result["action_id"] or "", "primitive": result["primitive"] or ""}
+            yield ActionResult.model_validate(result | ident)
 
     # -- lifecycle --------------------------------------------------------------------
 
