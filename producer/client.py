@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeout
@@ -21,7 +22,13 @@ from producer.batch import DEFAULT_WINDOW, BatchRunner
 from producer.config import ProducerSettings, producer_settings, with_credentials
 from producer.errors import FleetUnavailable, InvalidAction, ResultTimeout, UnsupportedPrimitive
 from producer.models import Action, ActionResult, queue_for, task_name_for
-from producer.transport import celery_conf, kwargs_repr, redis_priority, task_id_for
+from producer.transport import (
+    LazyWatchRedisBackend,
+    celery_conf,
+    kwargs_repr,
+    redis_priority,
+    task_id_for,
+)
 from producer.validation import parse_action
 
 READY_STATES = states.READY_STATES
@@ -154,6 +161,8 @@ class ActionClient:
         self._app.conf.update(
             celery_conf(self.settings.model_copy(update={"result_backend": backend}), url)
         )
+        if urlsplit(self._app.conf.result_backend).scheme in ("redis", "rediss"):
+            self._app.backend_cls = LazyWatchRedisBackend
 
     # -- validation -------------------------------------------------------------------
 
@@ -201,6 +210,24 @@ class ActionClient:
                 raise InvalidAction(exc.errors, index=index) from None
         with self._app.producer_or_acquire():
             return [self.send(a) for a in parsed]
+
+    def stored_results(self, handles: Sequence[ActionHandle]) -> list[dict[str, Any] | None]:
+        """The stored result (JSON, as the worker wrote it) of each handle, or None where
+        there is none yet: one round trip for all of them (a pipeline of reads)."""
+        backend = self._app.backend
+        pipe = backend.client.pipeline(transaction=False)
+        for handle in handles:
+            pipe.get(backend.get_key_for_task(handle._async.id))
+        out: list[dict[str, Any] | None] = []
+        for handle, raw in zip(handles, pipe.execute(), strict=True):
+            meta = backend.decode_result(raw) if raw else None
+            if meta is None or meta.get("status") not in READY_STATES:
+                out.append(None)
+                continue
+            value = meta.get("result")
+            ok = isinstance(value, dict) and "status" in value
+            out.append(value if ok else handle._to_result(value).model_dump(mode="json"))
+        return out
 
     def handle_for(self, action: Action) -> ActionHandle:
         """A handle on an action sent earlier (by this or another process): its result
