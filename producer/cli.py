@@ -22,12 +22,13 @@ from typing import Any
 from producer.batch import local_result
 from producer.batch_cli import add_batch_parser
 from producer.errors import ActionFleetError, InvalidAction, ResultTimeout
+from producer.workflow_cli import add_workflow_parser
 
 __all__ = ["AGENT_COMMANDS", "PLUGIN_GROUP", "Registrar", "build_parser", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 # Commands served by this module alone: running one never loads a plugin.
-AGENT_COMMANDS = frozenset({"submit", "batch", "schema", "tools"})
+AGENT_COMMANDS = frozenset({"submit", "batch", "schema", "tools", "workflow"})
 # Entry-point group through which the worker side adds its commands.
 PLUGIN_GROUP = "actionfleet.commands"
 # Adds subcommands to the ``actionfleet`` parser's subparsers.
@@ -119,6 +120,7 @@ def build_parser(registrars: Sequence[Registrar] = ()) -> argparse.ArgumentParse
     p.set_defaults(func=cmd_submit)
 
     add_batch_parser(sub)
+    add_workflow_parser(sub)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the action message")
     p.set_defaults(func=cmd_schema)

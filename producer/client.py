@@ -229,6 +229,22 @@ class ActionClient:
             out.append(value if ok else handle._to_result(value).model_dump(mode="json"))
         return out
 
+    def send_signed(self, task: str, queue: str, message: dict[str, Any], task_id: str) -> None:
+        """Sign ``message`` with this client's key (when it has one) and send it as
+        ``task`` to ``queue``: how fleet-owned work (workflows) is handed over."""
+        if self.key is not None:
+            message = self.key.sign(message)
+        try:
+            self._app.send_task(
+                task, kwargs={"message": message}, queue=queue, declare=[], task_id=task_id
+            )
+        except OperationalError as exc:
+            raise FleetUnavailable(f"broker at {self._safe_url()} does not answer: {exc}") from exc
+
+    def async_result(self, task_id: str) -> AsyncResult:
+        """Celery's handle on whatever the fleet stores under ``task_id``."""
+        return self._app.AsyncResult(task_id)
+
     def handle_for(self, action: Action) -> ActionHandle:
         """A handle on an action sent earlier (by this or another process): its result
         is kept under the same task id."""

@@ -17,6 +17,7 @@ __all__ = [
     "REDIS_PRIORITY_SEP",
     "REDIS_PRIORITY_STEPS",
     "RESULT_KEY_PREFIX",
+    "WORKFLOW_QUEUE",
     "LazyWatchRedisBackend",
     "action_queues",
     "celery_conf",
@@ -25,6 +26,9 @@ __all__ = [
     "redis_queue_keys",
     "task_id_for",
 ]
+
+# The workflow engine's queue (producer/workflows.py, workers/workflows).
+WORKFLOW_QUEUE = "actions.workflow"
 
 # Celery's Redis result backend keeps a task's result at this prefix + task id (and
 # announces it on a channel of the same name).
@@ -70,10 +74,8 @@ def action_queues() -> list[Queue]:
     so one code action would be delivered to every primitive's queue."""
     from producer.models import PRIMITIVES, queue_for
 
-    return [
-        Queue(queue_for(p), Exchange(queue_for(p), type="direct"), routing_key=queue_for(p))
-        for p in PRIMITIVES
-    ]
+    names = [queue_for(p) for p in PRIMITIVES] + [WORKFLOW_QUEUE]
+    return [Queue(n, Exchange(n, type="direct"), routing_key=n) for n in names]
 
 
 def celery_conf(settings: ProducerSettings, broker_url: str) -> dict[str, Any]:
