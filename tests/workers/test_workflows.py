@@ -215,6 +215,12 @@ def test_code_worker_killed_during_step_two_resumes_without_repeating_step_one(
             f"SELECT count() FROM actionfleet.action_results WHERE action_id = '{first}'"
         ).rows
         assert int(ids[0][0]) == 1
+        # `actionfleet audit trace <workflow id>`: every stage of every step of the run.
+        from audit import reports
+
+        events = reports.trace(reader, spec.workflow_id)
+        assert {e["labels"]["workflow_step"] for e in events} == set(runs)
+        assert {e["stage"] for e in events} >= {"received", "policy", "started", "finished"}
     finally:
         ingester.close()
 
