@@ -183,6 +183,15 @@ def test_code_worker_killed_during_step_two_resumes_without_repeating_step_one(
     for pid in [*code.pool_pids(), code.proc.pid]:
         subprocess.run(["kill", "-9", str(pid)], check=False)
     code.proc.wait(10)
+    # What an operator's `actionfleet sandbox reap` does: the dead worker's containers
+    # (its warm pool, the interrupted step's) go now rather than at the next reaper pass.
+    from sandboxes.docker import DockerSandbox
+
+    reaper = DockerSandbox()
+    try:
+        reaper.reap()
+    finally:
+        reaper.close()
     # A new code worker: the killed one's unacked step comes back after the visibility
     # timeout (90 s here; kombu sweeps at a quarter of it).
     fleet["code"] = start_worker(
