@@ -17,12 +17,12 @@ from typing import Any
 
 import redis
 
-from producer.workflows import WorkflowSpec
+from producer.workflows import TERMINAL_STATES, WorkflowSpec
 
 __all__ = ["TERMINAL", "WorkflowLock", "WorkflowState", "WorkflowStore"]
 
 PREFIX = "af:wf"
-TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out", "denied"})
+TERMINAL = frozenset(TERMINAL_STATES)
 _UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
 
 
