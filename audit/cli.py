@@ -284,8 +284,11 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_sql)
 
-    p = sub.add_parser("trace", help="every recorded stage of one action, in order")
-    p.add_argument("action_id")
+    p = sub.add_parser(
+        "trace",
+        help="every recorded stage of one action, or of every step of a workflow, in order",
+    )
+    p.add_argument("action_id", help="an action id, or a workflow id (all its steps)")
     _common(p)
     p.set_defaults(func=cmd_trace)
 

@@ -64,7 +64,13 @@ def _now_us(now: datetime | None) -> int:
 
 
 def trace(source: Any, action_id: str) -> list[dict[str, Any]]:
-    """Every recorded stage of one action, all attempts, in order."""
+    """Every recorded stage of one action, all attempts, in order; or, when ``action_id``
+    is a workflow's id, of every step of that workflow (its ``workflow_id`` label)."""
+    rows = _trace(source, "action_id = {a:String}", action_id)
+    return rows or _trace(source, "labels['workflow_id'] = {a:String}", action_id)
+
+
+def _trace(source: Any, where: str, value: str) -> list[dict[str, Any]]:
     return _rows(
         source,
         f"""SELECT event_time, stage, status, attempt, event_id, action_id, tenant_id, agent_id,
@@ -73,9 +79,9 @@ def trace(source: Any, action_id: str) -> list[dict[str, Any]]:
                   retryable, input_preview, input_sha256, input_bytes, output_preview,
                   output_sha256, output_bytes, cpu_time_ms, peak_memory_bytes, bytes_in,
                   bytes_out, cost_units, labels, schema_version
-           FROM {E} WHERE action_id = {{a:String}}
+           FROM {E} WHERE {where}
            ORDER BY event_time, event_id""",
-        a=action_id,
+        a=value,
     )
 
 

@@ -15,19 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from producer.errors import ActionFleetError, FleetUnavailable, InvalidAction, ResultTimeout
+from producer.batch import local_result
+from producer.batch_cli import add_batch_parser
+from producer.errors import ActionFleetError, InvalidAction, ResultTimeout
+from producer.workflow_cli import add_workflow_parser
 
 __all__ = ["AGENT_COMMANDS", "PLUGIN_GROUP", "Registrar", "build_parser", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 # Commands served by this module alone: running one never loads a plugin.
-AGENT_COMMANDS = frozenset({"submit", "batch", "schema", "tools"})
+AGENT_COMMANDS = frozenset({"submit", "batch", "schema", "tools", "workflow"})
 # Entry-point group through which the worker side adds its commands.
 PLUGIN_GROUP = "actionfleet.commands"
 # Adds subcommands to the ``actionfleet`` parser's subparsers.
@@ -42,33 +43,8 @@ def _dump(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, default=str)
 
 
-def _local_result(
-    raw: Any, status: str, error_type: str, message: str, **details: Any
-) -> dict[str, Any]:
-    """A result made on this side (invalid input, gave up waiting): same shape as a worker's."""
-    action_id = raw.get("action_id") if isinstance(raw, dict) else None
-    primitive = raw.get("primitive") if isinstance(raw, dict) else None
-    return {
-        "action_id": action_id if isinstance(action_id, str) else None,
-        "primitive": primitive if isinstance(primitive, str) else None,
-        "status": status,
-        "output": None,
-        "error": {
-            "type": error_type,
-            "message": message,
-            "retryable": error_type != "validation_error",
-            "details": details,
-        },
-        "attempt": 0,
-        "started_at": None,
-        "finished_at": None,
-        "duration_ms": 0,
-        "worker": None,
-    }
-
-
 def _invalid_result(exc: InvalidAction, raw: Any) -> dict[str, Any]:
-    return _local_result(raw, "invalid", "validation_error", str(exc), errors=exc.errors)
+    return local_result(raw, "invalid", "validation_error", str(exc), errors=exc.errors)
 
 
 def _read_action_arg(arg: str) -> str:
@@ -121,80 +97,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
-class Progress:
-    """A one-line progress bar on stderr (plain periodic lines when not a terminal)."""
-
-    def __init__(self, total: int, stream: Any = sys.stderr) -> None:
-        self.total, self.done, self.stream = total, 0, stream
-        self.counts: Counter[str] = Counter()
-        self.start = time.monotonic()
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._last = 0.0
-
-    def update(self, status: str) -> None:
-        self.done += 1
-        self.counts[status] += 1
-        now = time.monotonic()
-        if self.done == self.total or now - self._last > (0.1 if self.tty else 2.0):
-            self._last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        width = 30
-        filled = int(width * self.done / max(1, self.total))
-        rate = self.done / max(1e-6, now - self.start)
-        counts = " ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
-        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-        line += f"{rate:.1f}/s {counts}"
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if self.done == self.total else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def cmd_batch(args: argparse.Namespace) -> int:
-    from producer.client import ActionClient
-
-    lines = [ln for ln in Path(args.input).read_text().splitlines() if ln.strip()]
-    try:
-        client = ActionClient()
-    except FleetUnavailable as exc:
-        _eprint(f"error: {exc}")
-        return EXIT_FAILED
-    slots: list[Any] = []  # per input line: a handle, or a ready result dict
-    with client:
-        for number, line in enumerate(lines, 1):
-            try:
-                raw: Any = json.loads(line)
-            except ValueError:
-                raw = line
-            try:
-                slots.append(client.submit(raw))
-            except InvalidAction as exc:
-                _eprint(f"line {number}: {exc}")
-                slots.append(_invalid_result(exc, raw))
-        progress = Progress(len(slots))
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w") as fh:
-            for slot in slots:
-                if isinstance(slot, dict):
-                    result = slot
-                else:
-                    try:
-                        result = slot.result(timeout=args.timeout).model_dump(mode="json")
-                    except ResultTimeout as exc:  # the action may still run; say so
-                        ident = {"action_id": slot.action_id, "primitive": slot.primitive}
-                        result = _local_result(ident, "failed", "timeout", str(exc))
-                fh.write(_dump(result) + "\n")
-                progress.update(result["status"])
-    elapsed = time.monotonic() - progress.start
-    summary = {"total": len(slots), "elapsed_s": round(elapsed, 2), **dict(progress.counts)}
-    _eprint("summary: " + _dump(summary))
-    return EXIT_OK if progress.counts.get("succeeded", 0) == len(slots) else EXIT_FAILED
-
-
 # ------------------------------------------------------------------------------ parser
 
 
@@ -217,11 +119,8 @@ def build_parser(registrars: Sequence[Registrar] = ()) -> argparse.ArgumentParse
     p.add_argument("--pretty", action="store_true", help="indent the result JSON")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("batch", help="run a JSONL file of actions; results in input order")
-    p.add_argument("input", help="JSONL file, one action per line")
-    p.add_argument("--out", required=True, help="where to write one result per line")
-    p.add_argument("--timeout", type=float, default=None, help="seconds to wait per result")
-    p.set_defaults(func=cmd_batch)
+    add_batch_parser(sub)
+    add_workflow_parser(sub)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the action message")
     p.set_defaults(func=cmd_schema)

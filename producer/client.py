@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeout
@@ -20,10 +21,17 @@ from kombu.exceptions import OperationalError
 
 from producer.async_results import ResultWaiter
 from producer.auth import ProducerKey
+from producer.batch import DEFAULT_WINDOW, BatchRunner
 from producer.config import ProducerSettings, producer_settings, with_credentials
 from producer.errors import FleetUnavailable, InvalidAction, ResultTimeout, UnsupportedPrimitive
 from producer.models import Action, ActionResult, queue_for, task_name_for
-from producer.transport import celery_conf, kwargs_repr, redis_priority, task_id_for
+from producer.transport import (
+    LazyWatchRedisBackend,
+    celery_conf,
+    kwargs_repr,
+    redis_priority,
+    task_id_for,
+)
 from producer.validation import parse_action
 
 READY_STATES = states.READY_STATES
@@ -55,6 +63,13 @@ class ActionHandle:
 
     def ready(self) -> bool:
         return self._async.ready()
+
+    def stored(self) -> ActionResult | None:
+        """The result already stored for this action, or None (one read, no wait)."""
+        meta = self._async.backend.get_task_meta(self._async.id, cache=False)
+        if meta.get("status") not in READY_STATES:
+            return None
+        return self._outcome(meta.get("result"), meta.get("status"))
 
     def result(self, timeout: float | None = None) -> ActionResult:
         """Wait up to ``timeout`` seconds (None: forever). Raises ``ResultTimeout``."""
@@ -162,6 +177,8 @@ class ActionClient:
         self._waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResultWaiter] = (
             weakref.WeakKeyDictionary()
         )
+        if urlsplit(self._app.conf.result_backend).scheme in ("redis", "rediss"):
+            self._app.backend_cls = LazyWatchRedisBackend
 
     # -- validation -------------------------------------------------------------------
 
@@ -170,7 +187,9 @@ class ActionClient:
 
     # -- sending ----------------------------------------------------------------------
 
-    def _send(self, action: Action, message: dict[str, Any] | None = None) -> ActionHandle:
+    def send(self, action: Action, message: dict[str, Any] | None = None) -> ActionHandle:
+        """Enqueue an action ``validate`` returned (``message``: its signed message, when
+        the caller signed it already); returns at once with a handle."""
         if message is None:
             message = action.model_dump(mode="json", by_alias=True)
             if self.key is not None:
@@ -194,7 +213,7 @@ class ActionClient:
 
     def submit(self, action: Any) -> ActionHandle:
         """Validate and enqueue one action; returns at once with a handle."""
-        return self._send(self.validate(action))
+        return self.send(self.validate(action))
 
     def submit_many(self, actions: Iterable[Any]) -> list[ActionHandle]:
         """Validate every action first, then enqueue them all; all or nothing is sent.
@@ -214,7 +233,49 @@ class ActionClient:
             # One signature per batch tree, not per action (producer.auth.sign_many).
             messages = self.key.sign_many(messages)
         with self._app.producer_or_acquire():
-            return [self._send(a, m) for a, m in zip(parsed, messages, strict=True)]
+            return [self.send(a, m) for a, m in zip(parsed, messages, strict=True)]
+
+    def stored_results(self, handles: Sequence[ActionHandle]) -> list[dict[str, Any] | None]:
+        """The stored result (JSON, as the worker wrote it) of each handle, or None where
+        there is none yet: one round trip for all of them (a pipeline of reads)."""
+        backend = self._app.backend
+        pipe = backend.client.pipeline(transaction=False)
+        for handle in handles:
+            pipe.get(backend.get_key_for_task(handle._async.id))
+        out: list[dict[str, Any] | None] = []
+        for handle, raw in zip(handles, pipe.execute(), strict=True):
+            meta = backend.decode_result(raw) if raw else None
+            if meta is None or meta.get("status") not in READY_STATES:
+                out.append(None)
+                continue
+            value = meta.get("result")
+            ok = isinstance(value, dict) and "status" in value
+            out.append(
+                value if ok else handle._outcome(value, meta.get("status")).model_dump(mode="json")
+            )
+        return out
+
+    def send_signed(self, task: str, queue: str, message: dict[str, Any], task_id: str) -> None:
+        """Sign ``message`` with this client's key (when it has one) and send it as
+        ``task`` to ``queue``: how fleet-owned work (workflows) is handed over."""
+        if self.key is not None:
+            message = self.key.sign(message)
+        try:
+            self._app.send_task(
+                task, kwargs={"message": message}, queue=queue, declare=[], task_id=task_id
+            )
+        except OperationalError as exc:
+            raise FleetUnavailable(f"broker at {self._safe_url()} does not answer: {exc}") from exc
+
+    def async_result(self, task_id: str) -> AsyncResult:
+        """Celery's handle on whatever the fleet stores under ``task_id``."""
+        return self._app.AsyncResult(task_id)
+
+    def handle_for(self, action: Action) -> ActionHandle:
+        """A handle on an action sent earlier (by this or another process): its result
+        is kept under the same task id."""
+        task_id = task_id_for(action.tenant_id, action.action_id)
+        return ActionHandle(action, self._app.AsyncResult(task_id))
 
     def run(self, action: Any, timeout: float | None = None) -> ActionResult:
         """Submit and wait for the result."""
@@ -233,6 +294,28 @@ class ActionClient:
         """``run`` for asyncio: submit, then wait without blocking the event loop's thread
         (the submission itself is one short Redis write)."""
         return await self.submit(action).aresult(self.waiter(), timeout)
+
+    def batch(
+        self,
+        actions: Iterable[Any],
+        *,
+        window: int = DEFAULT_WINDOW,
+        rate: float | None = None,
+        timeout: float | None = None,
+        batch_id: str | None = None,
+    ) -> Iterator[ActionResult]:
+        """Stream ``actions`` through the fleet, at most ``window`` in flight and ``rate``
+        sent per second; yields one result per action, in input order. An invalid action
+        yields its ``invalid`` result (with field-level errors) and the batch goes on.
+        Actions without ``action_id``/``idempotency_key`` get ones derived from
+        ``batch_id`` and their 1-based position, so the same batch id sent again runs
+        nothing twice (docs/batch.md)."""
+        runner = BatchRunner(self, batch_id=batch_id, window=window, rate=rate, timeout=timeout)
+        for entry in runner.stream(enumerate(actions, 1)):
+            result = entry.result
+            # An invalid line may lack an id or a primitive; the model wants strings.
+            ident = {"action_id": result["action_id"] or "", "primitive": result["primitive"] or ""}
+            yield ActionResult.model_validate(result | ident)
 
     # -- lifecycle --------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ __all__ = [
     "FilesAction",
     "FilesPayload",
     "Primitive",
+    "WorkflowRef",
     "action_adapter",
     "action_json_schema",
     "queue_for",
@@ -287,6 +288,16 @@ class AuthProof(_Strict):
         return self
 
 
+class WorkflowRef(_Strict):
+    """Which workflow step an action is: set by the fleet's workflow engine, never by a
+    producer. The worker accepts the step without a producer signature only against the
+    engine's grant for exactly this message (docs/workflows.md)."""
+
+    id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f-]{36}$")]
+    step: Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
+    phase: Literal["run", "compensate"] = "run"
+
+
 class _Envelope(_Strict):
     tenant_id: Ident
     agent_id: Ident
@@ -303,6 +314,9 @@ class _Envelope(_Strict):
     )
     auth: AuthProof | None = Field(
         None, description="signature of a producer key; set by ActionClient, not by hand"
+    )
+    workflow: WorkflowRef | None = Field(
+        None, description="set by the fleet on a workflow step's action, not by hand"
     )
 
     @field_validator("action_id")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.backends.redis import RedisBackend
 from kombu import Exchange, Queue
 
 from producer.config import ProducerSettings
@@ -16,6 +17,8 @@ __all__ = [
     "REDIS_PRIORITY_SEP",
     "REDIS_PRIORITY_STEPS",
     "RESULT_KEY_PREFIX",
+    "WORKFLOW_QUEUE",
+    "LazyWatchRedisBackend",
     "action_queues",
     "celery_conf",
     "kwargs_repr",
@@ -23,6 +26,9 @@ __all__ = [
     "redis_queue_keys",
     "task_id_for",
 ]
+
+# The workflow engine's queue (producer/workflows.py, workers/workflows).
+WORKFLOW_QUEUE = "actions.workflow"
 
 # Celery's Redis result backend keeps a task's result at this prefix + task id (and
 # announces it on a channel of the same name).
@@ -68,10 +74,8 @@ def action_queues() -> list[Queue]:
     so one code action would be delivered to every primitive's queue."""
     from producer.models import PRIMITIVES, queue_for
 
-    return [
-        Queue(queue_for(p), Exchange(queue_for(p), type="direct"), routing_key=queue_for(p))
-        for p in PRIMITIVES
-    ]
+    names = [queue_for(p) for p in PRIMITIVES] + [WORKFLOW_QUEUE]
+    return [Queue(n, Exchange(n, type="direct"), routing_key=n) for n in names]
 
 
 def celery_conf(settings: ProducerSettings, broker_url: str) -> dict[str, Any]:
@@ -106,3 +110,21 @@ def celery_conf(settings: ProducerSettings, broker_url: str) -> dict[str, Any]:
         "task_queues": action_queues(),
         "task_create_missing_queues": True,
     }
+
+
+class LazyWatchRedisBackend(RedisBackend):
+    """The producer's result backend: it subscribes to an action's result channel when
+    someone waits for the result (``AsyncResult.get`` subscribes, then reads the stored
+    result), not when the action is sent. Celery's own subscribes at every send: a batch
+    of 100,000 actions then costs 100,000 subscriptions, and every result is pushed to
+    a socket nobody may read (docs/batch.md)."""
+
+    def __init__(self, *args: Any, url: str | None = None, **kwargs: Any) -> None:
+        # As ``app.backend_cls`` Celery passes no URL: take the configured one.
+        app = kwargs.get("app")
+        if url is None and app is not None:
+            url = app.conf.result_backend
+        super().__init__(*args, url=url, **kwargs)
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None

@@ -45,6 +45,7 @@ from workers.middleware import ActionContext, LogMiddleware
 from workers.pipeline import Pipeline
 from workers.policy import PolicyEngine
 from workers.reliability import Reliability, RetryState
+from workers.workflows.tasks import register_workflow_tasks
 
 __all__ = ["app", "get_pipeline"]
 
@@ -210,6 +211,8 @@ def _make_task(primitive: str) -> Any:
 
 
 TASKS = {p: _make_task(p) for p in PRIMITIVES}
+# Workflows: the engine's tasks on actions.workflow (workers/workflows, docs/workflows.md).
+register_workflow_tasks(app, settings, settings.resolved_broker_url() or DEFAULT_BROKER)
 
 
 @signals.task_postrun.connect

@@ -174,7 +174,9 @@ def test_one_worker_deployment_per_primitive(rendered: list[dict[str, Any]]) -> 
             c for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == "worker"
         ]
         args = worker["args"]
-        assert args[:3] == ["worker", "--queues", p], args
+        # The files pool also runs the workflow engine (docs/workflows.md).
+        queues = p + (",workflow" if p == "files" else "")
+        assert args[:3] == ["worker", "--queues", queues], args
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             cmd = " ".join(worker[probe]["exec"]["command"])
             # The probe asks this pod's own Celery node, over the broker.

@@ -42,6 +42,7 @@ import redis
 from producer.auth import signed_statement, verify_statement
 from producer.errors import PolicyDenied, Unauthenticated
 from producer.models import Action
+from workers.auth.grants import GrantStore, message_digest
 from workers.auth.keys import KeyRecord, KeyStore
 
 __all__ = ["NONCE_PREFIX", "Authenticator", "Identity", "NonceCheck"]
@@ -116,6 +117,7 @@ class Authenticator:
         if nonce_ttl_s < 2 * skew_s:
             raise ValueError("nonce records must outlive the clock-skew window (2 x skew)")
         self.store = KeyStore(client)
+        self.grants = GrantStore(client)
         self.client = client
         self.required = required
         self.skew_ms = int(skew_s * 1000)
@@ -174,6 +176,8 @@ class Authenticator:
         if not self.required:
             return None
         proof = action.auth
+        if proof is None and action.workflow is not None:
+            return self._granted(action, raw, now)
         if proof is None:
             raise Unauthenticated(
                 "this fleet runs only signed actions and this one has no signature: send it "
@@ -182,29 +186,8 @@ class Authenticator:
                 reason="missing",
             )
         key_id = proof.key_id
-        record = self._record(key_id)
-        if record is None:
-            raise Unauthenticated(
-                f"key {key_id} is unknown to this fleet: use a key made by "
-                "`actionfleet keys create` for this fleet",
-                reason="unknown_key",
-                key_id=key_id,
-            )
+        record = self._usable(key_id, now)
         when = now or datetime.now(UTC)
-        state = record.state(when)
-        if state == "revoked":
-            raise Unauthenticated(
-                f"key {key_id} was revoked at {record.revoked_at}: ask the operator for a new key",
-                reason="revoked",
-                key_id=key_id,
-            )
-        if state == "expired":
-            raise Unauthenticated(
-                f"key {key_id} stopped being accepted at {record.expires_at} (it was rotated): "
-                "use its replacement" + (f" {record.replaced_by}" if record.replaced_by else ""),
-                reason="expired",
-                key_id=key_id,
-            )
         if not self._verified(record, raw, proof):
             raise Unauthenticated(
                 f"the signature does not match this message for key {key_id}: the message "
@@ -213,13 +196,7 @@ class Authenticator:
                 reason="bad_signature",
                 key_id=key_id,
             )
-        outside = record.allows(action.tenant_id, action.agent_id, action.primitive)
-        if outside is not None:
-            raise PolicyDenied(
-                f"key {key_id} may not act for {outside}; use a key made for it",
-                reason="key_scope",
-                key_id=key_id,
-            )
+        self._check_scope(record, action)
         check = NonceCheck(
             key=f"{NONCE_PREFIX}:{key_id}:{proof.nonce}",
             key_id=key_id,
@@ -234,3 +211,62 @@ class Authenticator:
             return Identity(key_id, record, check)
         check.run(self.client)
         return Identity(key_id, record)
+
+    def _usable(self, key_id: str, now: datetime | None) -> KeyRecord:
+        """The record of a key this fleet accepts now, or ``Unauthenticated``."""
+        record = self._record(key_id)
+        if record is None:
+            raise Unauthenticated(
+                f"key {key_id} is unknown to this fleet: use a key made by "
+                "`actionfleet keys create` for this fleet",
+                reason="unknown_key",
+                key_id=key_id,
+            )
+        state = record.state(now or datetime.now(UTC))
+        if state == "revoked":
+            raise Unauthenticated(
+                f"key {key_id} was revoked at {record.revoked_at}: ask the operator for a new key",
+                reason="revoked",
+                key_id=key_id,
+            )
+        if state == "expired":
+            raise Unauthenticated(
+                f"key {key_id} stopped being accepted at {record.expires_at} (it was rotated): "
+                "use its replacement" + (f" {record.replaced_by}" if record.replaced_by else ""),
+                reason="expired",
+                key_id=key_id,
+            )
+        return record
+
+    @staticmethod
+    def _check_scope(record: KeyRecord, action: Action) -> None:
+        outside = record.allows(action.tenant_id, action.agent_id, action.primitive)
+        if outside is not None:
+            raise PolicyDenied(
+                f"key {record.key_id} may not act for {outside}; use a key made for it",
+                reason="key_scope",
+                key_id=record.key_id,
+            )
+
+    def _granted(self, action: Action, raw: dict[str, Any], now: datetime | None) -> Identity:
+        """A workflow step: accepted against the engine's grant for exactly this message,
+        as the key the workflow was verified with (``workers.auth.grants``)."""
+        ref = action.workflow
+        assert ref is not None
+        grant = self.grants.get(ref.id, ref.step, ref.phase)
+        if grant is None:
+            raise Unauthenticated(
+                f"workflow {ref.id} step {ref.step!r} has no grant from the fleet's workflow "
+                "engine: steps are sent by the engine only (actionfleet workflow run)",
+                reason="no_grant",
+            )
+        if grant.digest != message_digest(raw):
+            raise Unauthenticated(
+                f"workflow {ref.id} step {ref.step!r} differs from what the engine granted: "
+                "a changed or forged step message",
+                reason="grant_mismatch",
+                key_id=grant.key_id,
+            )
+        record = self._usable(grant.key_id, now)
+        self._check_scope(record, action)
+        return Identity(grant.key_id, record)

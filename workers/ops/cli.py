@@ -91,9 +91,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from producer.models import PRIMITIVES, queue_for
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = [q for q in queues if q not in PRIMITIVES]
+    known = (*PRIMITIVES, "workflow")  # workflow: the engine's queue, actions.workflow
+    unknown = [q for q in queues if q not in known]
     if unknown:
-        _eprint(f"error: unknown primitive(s) {unknown}; choose from {', '.join(PRIMITIVES)}")
+        _eprint(f"error: unknown queue(s) {unknown}; choose from {', '.join(known)}")
         return EXIT_INVALID
     if args.pool == "solo" and (args.concurrency or 1) != 1:
         _eprint(
@@ -101,7 +102,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             f" --concurrency {args.concurrency}: run more solo workers, or use --pool prefork"
         )
         return EXIT_INVALID
-    long_running = [q for q in queues if q != "files"]
+    long_running = [q for q in queues if q not in ("files", "workflow")]
     if args.pool == "solo" and long_running:
         _eprint(
             f"warning: --pool solo with {', '.join(long_running)}: their actions wait seconds"
@@ -223,7 +224,11 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("worker", help="run a Celery worker for some primitives' queues")
-    p.add_argument("--queues", default="code", help="comma-separated primitives (code)")
+    p.add_argument(
+        "--queues",
+        default="code",
+        help="comma-separated primitives, and `workflow` for the workflow engine (code)",
+    )
     p.add_argument("--concurrency", type=int, default=None, help="pool processes (prefork)")
     p.add_argument(
         "--pool",

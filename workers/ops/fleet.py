@@ -26,6 +26,7 @@ from producer.errors import FleetUnavailable
 from producer.models import queue_for
 from producer.procs import pid_alive
 from producer.transport import redis_queue_keys
+from producer.workflows import WORKFLOW_QUEUE
 from workers.config import Settings
 
 __all__ = [
@@ -280,7 +281,10 @@ class Fleet:
             # action sent right after `up --flower` is on the dashboard too.
             env.setdefault("ACTIONFLEET_TASK_EVENTS", "true")
         name = f"{primitive}.{os.getpid()}@{socket.gethostname()}"
-        argv = celery_worker_argv(queue_for(primitive), name=name, concurrency=self.concurrency)
+        queues = queue_for(primitive)
+        if primitive == "files":  # workflow engine tasks are short Redis work, like files
+            queues += f",{WORKFLOW_QUEUE}"
+        argv = celery_worker_argv(queues, name=name, concurrency=self.concurrency)
         return _Child(name, argv, self.settings.home / "logs" / f"worker-{primitive}.log", env)
 
     def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:

@@ -116,6 +116,11 @@ def test_a_producer_may_push_actions_and_read_its_own_results_only(acl_redis: Ac
     assert _denied(p.hgetall, "af:auth:keys")
     assert _denied(p.xadd, "actionfleet:audit", {"e": b"{}"})
     assert _denied(p.set, "celery-task-meta-acme+1", b"forged")
+    # Workflows: a producer hands one over on actions.workflow, and cannot write the
+    # engine's state or the grants that let a step run unsigned (workers/auth/grants.py).
+    assert p.lpush("actions.workflow", b"a workflow message") == 1
+    assert _denied(p.set, "af:wf:grant:00000000-0000-0000-0000-000000000000:s:run", b"{}")
+    assert _denied(p.hset, "af:wf:00000000-0000-0000-0000-000000000000", "status", "succeeded")
     assert _denied(p.execute_command, "ACL", "SETUSER", user, "+@all")
     sub = p.pubsub()
     with pytest.raises(redis.exceptions.NoPermissionError):

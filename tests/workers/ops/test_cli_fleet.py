@@ -113,7 +113,7 @@ def test_batch_keeps_input_order_and_summarizes(running_fleet, tmp_path: Path) -
     assert [r["status"] for r in results] == ["succeeded", "invalid", "succeeded", "denied"]
     assert results[0]["output"]["stdout"] == "first\n"
     assert results[2]["output"]["stdout"] == "third\n"
-    assert "4/4" in out.stderr and '"succeeded": 2' in out.stderr
+    assert '"total": 4' in out.stderr and '"succeeded": 2' in out.stderr
 
 
 def _jsonl(text: str) -> list[dict]:
