@@ -53,6 +53,8 @@ EVENT_COLUMNS: dict[str, type] = {
     "retryable": bool,
     "policy_decision": str,
     "policy_reason": str,
+    "policy_rule_id": str,  # v5: the Cedar rule that decided (docs/policy.md)
+    "approver": str,  # v5: who approved or denied a parked action
     "input_preview": str,
     "input_sha256": str,
     "input_bytes": int,
@@ -209,6 +211,16 @@ AS {RESULTS_SELECT}""",
 )
 
 
+# v5: governance (docs/policy.md): the rule behind each policy decision, and the approver
+# of an action a rule parked. audit_events only: the results view is unchanged.
+_V5 = (
+    f"ALTER TABLE {DATABASE}.audit_events ADD COLUMN IF NOT EXISTS "
+    f"policy_rule_id {_LC} DEFAULT '' AFTER policy_reason",
+    f"ALTER TABLE {DATABASE}.audit_events ADD COLUMN IF NOT EXISTS "
+    f"approver {_LC} DEFAULT '' AFTER policy_rule_id",
+)
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -221,6 +233,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         1, "audit_events, action_results, results view", (_EVENTS_V1, _RESULTS_V1, _RESULTS_MV_V1)
     ),
     Migration(2, "key_id: the producer key of each action", _V2),
+    Migration(5, "policy_rule_id, approver: Cedar rules and approvals", _V5),
 )
 
 MIGRATIONS_TABLE = f"""

@@ -20,11 +20,27 @@ from producer.auth import ProducerKey
 from producer.config import ProducerSettings, producer_settings, with_credentials
 from producer.errors import FleetUnavailable, InvalidAction, ResultTimeout, UnsupportedPrimitive
 from producer.models import Action, ActionResult, queue_for, task_name_for
-from producer.transport import celery_conf, kwargs_repr, redis_priority, task_id_for
+from producer.transport import (
+    AWAITING_APPROVAL_STATE,
+    celery_conf,
+    kwargs_repr,
+    redis_priority,
+    task_id_for,
+)
 from producer.validation import parse_action
 
 READY_STATES = states.READY_STATES
 _POLL_S = 5.0  # how often a long wait double-checks the stored result
+_FIRST_POLL_S = 0.5
+
+
+class _Parked(Exception):
+    """Raised from the result listener: the action awaits approval (not final)."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("awaiting approval")
+        self.value = value
+
 
 __all__ = ["SUPPORTED_PRIMITIVES", "ActionClient", "ActionHandle", "validate_action"]
 
@@ -53,15 +69,35 @@ class ActionHandle:
     def ready(self) -> bool:
         return self._async.ready()
 
-    def result(self, timeout: float | None = None) -> ActionResult:
-        """Wait up to ``timeout`` seconds (None: forever). Raises ``ResultTimeout``."""
+    def result(self, timeout: float | None = None, *, final: bool = False) -> ActionResult:
+        """Wait up to ``timeout`` seconds (None: forever). Raises ``ResultTimeout``.
+
+        An action a rule parked for a human's approval returns ``awaiting_approval`` at
+        once (``result.final`` is False); call again with ``final=True`` (or pass it
+        the first time) to wait past it for the decided run's result."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        task_id = self._async.id
+
+        def parked(meta: dict[str, Any]) -> None:  # every result message the client hears
+            mine = not final and meta.get("task_id") == task_id
+            if mine and meta.get("status") == AWAITING_APPROVAL_STATE:
+                raise _Parked(meta.get("result"))
+
+        first = True
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            step = _POLL_S if left is None else min(_POLL_S, left)
+            # A short first wait: a park stored before we subscribed is only read back here.
+            step = (
+                (_FIRST_POLL_S if first else _POLL_S)
+                if left is None
+                else min(_FIRST_POLL_S if first else _POLL_S, left)
+            )
+            first = False
             try:
-                value = self._async.get(timeout=step, propagate=False)
+                value = self._async.get(timeout=step, propagate=False, on_message=parked)
                 break
+            except _Parked as park:
+                return ActionResult.model_validate(park.value)
             except CeleryTimeout:
                 # The result is announced over pub/sub; a broker restart can drop that
                 # message, so also read the stored result directly before waiting again.
@@ -72,6 +108,8 @@ class ActionHandle:
                 if meta.get("status") in READY_STATES:
                     value = meta.get("result")
                     break
+                if meta.get("status") == AWAITING_APPROVAL_STATE and not final:
+                    return ActionResult.model_validate(meta.get("result"))
                 if left is not None and left <= step:
                     raise ResultTimeout(
                         f"no result for action {self.action_id} after {timeout}s; it may still run"
@@ -197,9 +235,11 @@ class ActionClient:
         with self._app.producer_or_acquire():
             return [self._send(a, m) for a, m in zip(parsed, messages, strict=True)]
 
-    def run(self, action: Any, timeout: float | None = None) -> ActionResult:
-        """Submit and wait for the result."""
-        return self.submit(action).result(timeout=timeout)
+    def run(
+        self, action: Any, timeout: float | None = None, *, final: bool = False
+    ) -> ActionResult:
+        """Submit and wait for the result (``final``: wait past ``awaiting_approval``)."""
+        return self.submit(action).result(timeout=timeout, final=final)
 
     # -- lifecycle --------------------------------------------------------------------
 
