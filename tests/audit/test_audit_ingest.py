@@ -107,7 +107,7 @@ def test_every_stage_lands_for_each_outcome(tmp_path: Path) -> None:
             versions = db.query(
                 "SELECT version FROM actionfleet.schema_migrations ORDER BY version"
             ).rows
-            assert versions == [[1], [2]]
+            assert versions == [[1], [2], [5]]  # v5: governance (policy_rule_id, approver)
 
 
 # ------------------------------------------------------------------- exactly once

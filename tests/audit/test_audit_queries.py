@@ -228,10 +228,10 @@ def test_cli_queries_while_the_ingester_holds_the_store(tmp_path: Path) -> None:
 def test_schema_is_versioned_and_retention_configurable(tmp_path: Path) -> None:
     client = connect(f"chdb://{tmp_path}/store")
     try:
-        assert migrate(client, retention_days=365) == 2
-        assert migrate(client, retention_days=30) == 2  # no re-run, TTL reconciled
+        assert migrate(client, retention_days=365) == 5
+        assert migrate(client, retention_days=30) == 5  # no re-run, TTL reconciled
         versions = client.query("SELECT version FROM actionfleet.schema_migrations").result_rows
-        assert sorted(versions) == [(1,), (2,)]
+        assert sorted(versions) == [(1,), (2,), (5,)]
         for table in ("audit_events", "action_results"):
             engine = client.query(
                 "SELECT engine_full, partition_key FROM system.tables "
@@ -248,6 +248,8 @@ def test_schema_is_versioned_and_retention_configurable(tmp_path: Path) -> None:
         )
         assert cols["tenant_id"] == "LowCardinality(String)"
         assert cols["key_id"] == "LowCardinality(String)"
+        # v5: the Cedar rule and the approver of each policy decision (docs/policy.md)
+        assert cols["policy_rule_id"] == cols["approver"] == "LowCardinality(String)"
         assert cols["gen_ai.tool.name"] == "String"  # OpenTelemetry alias of primitive
     finally:
         client.close()
@@ -272,7 +274,7 @@ def test_a_version_1_store_is_upgraded_with_its_rows(
         assert migrate(client) == 1
         client.command(finished.format(extra="", action="'old'", extra_value=""))
         monkeypatch.setattr(audit.store, "MIGRATIONS", MIGRATIONS)
-        assert migrate(client) == 2
+        assert migrate(client) == MIGRATIONS[-1].version
         client.command(
             finished.format(extra=", key_id", action="'new'", extra_value=", 'k0123456789abcdef'")
         )
