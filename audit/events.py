@@ -101,9 +101,21 @@ class EventSnapshot:
     result: Any = None  # ActionResult at ``finished``
     decision: str = ""
     reason: str = ""
+    rule_id: str = ""  # the Cedar rule that decided (workers/governance)
+    approver: str = ""  # who approved or denied a parked action
     extra_usage: dict[str, Any] = field(default_factory=dict)
     cost_units: float | None = None
     executed: bool = False  # the attempt reached ``started``: it ran, so it costs
+
+
+# A policy event's status by its decision (anything else: denied).
+_POLICY_STATUS = {
+    "allow": "allowed",
+    "approved": "allowed",
+    "require_approval": "awaiting_approval",
+    "expired": "expired",
+}
+_NOT_DENIED = ("allow", "approved", "require_approval")
 
 
 def snapshot(event: Any) -> EventSnapshot:
@@ -116,6 +128,7 @@ def snapshot(event: Any) -> EventSnapshot:
     stages.append(event.stage)
     if event.stage == "policy":
         state["policy"] = (event.decision or "", event.reason or "")
+        state["rule"] = (event.rule_id or "", event.approver or "")
     cached = state.get("ident")
     if action is not None and cached is not None:
         # Everything but the sandbox id is fixed for the attempt: built once, copied.
@@ -155,13 +168,14 @@ def snapshot(event: Any) -> EventSnapshot:
         if action is not None:
             state["ident"] = ident
     decision, reason = state.get("policy", ("", ""))
+    rule_id, approver = state.get("rule", ("", ""))
     if event.stage == "finished" and event.decision:
         # e.g. "duplicate": a redelivery answered from the idempotency record, not a run.
         decision, reason = event.decision, event.reason or "answered from the stored result"
     result = event.result
     status = event.status or ""
     if event.stage == "policy":
-        status = "allowed" if event.decision == "allow" else "denied"
+        status = _POLICY_STATUS.get(event.decision or "", "denied")
     elif result is not None:
         status = result.status
     secrets = ctx.extra.get("secrets") or ()
@@ -178,6 +192,8 @@ def snapshot(event: Any) -> EventSnapshot:
         result=result,
         decision=decision,
         reason=reason,
+        rule_id=rule_id,
+        approver=approver,
         extra_usage=dict(ctx.extra.get("usage") or {}),
         cost_units=ctx.extra.get("cost_units"),
         executed="started" in stages,
@@ -236,6 +252,8 @@ def build(
         "retryable": False,
         "policy_decision": snap.decision,
         "policy_reason": scrub(snap.reason, scrubber),
+        "policy_rule_id": snap.rule_id,
+        "approver": snap.approver,
         "input_preview": "",
         "input_sha256": "",
         "input_bytes": 0,
@@ -287,7 +305,7 @@ def build(
             # Default price: one unit per executed attempt plus its CPU seconds. Refused
             # actions (denied, invalid, expired) never ran and cost nothing.
             row["cost_units"] = 1.0 + row["cpu_time_ms"] / 1000.0
-    elif snap.stage == "policy" and snap.decision != "allow":
+    elif snap.stage == "policy" and snap.decision not in _NOT_DENIED:
         row["error_type"] = "policy_denied"
         row["error_message"] = row["policy_reason"]
     return row

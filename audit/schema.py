@@ -53,6 +53,8 @@ EVENT_COLUMNS: dict[str, type] = {
     "retryable": bool,
     "policy_decision": str,
     "policy_reason": str,
+    "policy_rule_id": str,  # v4: the Cedar rule that decided (docs/policy.md)
+    "approver": str,  # v4: who approved or denied a parked action
     "input_preview": str,
     "input_sha256": str,
     "input_bytes": int,
@@ -177,8 +179,8 @@ _RESULT_COLUMNS_V1 = [c.strip().split()[0] for c in _COMMON.strip().split(",\n")
 # Columns added by later migrations, at the end of the results view's SELECT; each
 # migration that adds one makes the view again with the columns known at its version.
 _RESULT_COLUMNS_V2 = [*_RESULT_COLUMNS_V1, "key_id"]
-_RESULT_COLUMNS_V4 = [*_RESULT_COLUMNS_V2, "blocked_requests"]
-_RESULT_COLUMNS = _RESULT_COLUMNS_V4
+_RESULT_COLUMNS_V3 = [*_RESULT_COLUMNS_V2, "blocked_requests"]
+_RESULT_COLUMNS = _RESULT_COLUMNS_V3
 
 # The row of ``action_results`` built from a ``finished`` row of ``audit_events``: used by
 # the materialized view, and by the ingester to repair a results row an ingester killed
@@ -217,15 +219,25 @@ _V2 = (
 AS {_results_select(_RESULT_COLUMNS_V2)}""",
 )
 
-# v4: how many requests the egress guard refused during the action (a browse page's
+# v3: how many requests the egress guard refused during the action (a browse page's
 # dropped third-party sub-resources, docs/browse.md). The view is made again with it.
 _BLOCKED = "blocked_requests UInt32 DEFAULT 0 CODEC(T64, ZSTD(1)) AFTER bytes_out"
-_V4 = (
+_V3 = (
     f"ALTER TABLE {DATABASE}.audit_events ADD COLUMN IF NOT EXISTS {_BLOCKED}",
     f"ALTER TABLE {DATABASE}.action_results ADD COLUMN IF NOT EXISTS {_BLOCKED}",
     f"DROP VIEW IF EXISTS {DATABASE}.action_results_mv",
     f"""CREATE MATERIALIZED VIEW {DATABASE}.action_results_mv TO {DATABASE}.action_results
-AS {_results_select(_RESULT_COLUMNS_V4)}""",
+AS {_results_select(_RESULT_COLUMNS_V3)}""",
+)
+
+
+# v4: governance (docs/policy.md): the rule behind each policy decision, and the approver
+# of an action a rule parked. audit_events only: the results view is unchanged.
+_V4 = (
+    f"ALTER TABLE {DATABASE}.audit_events ADD COLUMN IF NOT EXISTS "
+    f"policy_rule_id {_LC} DEFAULT '' AFTER policy_reason",
+    f"ALTER TABLE {DATABASE}.audit_events ADD COLUMN IF NOT EXISTS "
+    f"approver {_LC} DEFAULT '' AFTER policy_rule_id",
 )
 
 
@@ -241,8 +253,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         1, "audit_events, action_results, results view", (_EVENTS_V1, _RESULTS_V1, _RESULTS_MV_V1)
     ),
     Migration(2, "key_id: the producer key of each action", _V2),
-    # 3 is taken by a parallel branch; numbers only need to grow.
-    Migration(4, "blocked_requests: egress refusals of each action", _V4),
+    Migration(3, "blocked_requests: egress refusals of each action", _V3),
+    Migration(4, "policy_rule_id, approver: Cedar rules and approvals", _V4),
 )
 
 MIGRATIONS_TABLE = f"""

@@ -21,24 +21,23 @@ from typing import Any
 import redis.asyncio as aioredis
 from celery import states
 
-__all__ = ["RESULT_PREFIX", "ResultWaiter"]
+__all__ = ["READY", "RESULT_PREFIX", "ResultWaiter"]
 
 log = logging.getLogger(__name__)
 
 RESULT_PREFIX = "celery-task-meta-"  # Celery's result key (and channel) for a task id
 _CONFIRM_S = 5.0
+READY = frozenset(states.READY_STATES)
 
 
-def _ready(raw: bytes | str | None) -> dict[str, Any] | None:
+def _meta(raw: bytes | str | None) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
         meta = json.loads(raw)
     except ValueError:
         return None
-    if isinstance(meta, dict) and meta.get("status") in states.READY_STATES:
-        return meta
-    return None
+    return meta if isinstance(meta, dict) else None
 
 
 class ResultWaiter:
@@ -48,25 +47,33 @@ class ResultWaiter:
         self._client = aioredis.Redis.from_url(url)
         self._pubsub = self._client.pubsub()
         self.poll_s = poll_s
-        self._waiting: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        # channel -> the waits on it: each its future and the states that end it
+        self._waiting: dict[str, list[tuple[asyncio.Future[dict[str, Any]], frozenset[str]]]] = {}
         self._confirmed: dict[str, asyncio.Event] = {}
         self._reader: asyncio.Task[None] | None = None
 
-    async def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any] | None:
-        """The task's result meta (``status``, ``result``…) once it is ready; None when
-        ``timeout`` seconds pass first."""
+    async def wait(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        *,
+        until: frozenset[str] = READY,
+    ) -> dict[str, Any] | None:
+        """The task's result meta (``status``, ``result``…) once its state is one of
+        ``until`` (by default a final one); None when ``timeout`` seconds pass first."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         channel = RESULT_PREFIX + task_id
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         first = channel not in self._waiting
-        self._waiting.setdefault(channel, []).append(future)
+        entry = (future, until)
+        self._waiting.setdefault(channel, []).append(entry)
         try:
             if first:
                 await self._subscribe(channel)
             while True:
-                meta = _ready(await self._client.get(channel))
-                if meta is not None:
+                meta = _meta(await self._client.get(channel))
+                if meta is not None and meta.get("status") in until:
                     return meta
                 left = None if deadline is None else deadline - loop.time()
                 if left is not None and left <= 0:
@@ -76,8 +83,8 @@ class ResultWaiter:
                     return await asyncio.wait_for(asyncio.shield(future), step)
         finally:
             waiters = self._waiting.get(channel, [])
-            if future in waiters:
-                waiters.remove(future)
+            if entry in waiters:
+                waiters.remove(entry)
             if not waiters:
                 self._waiting.pop(channel, None)
                 self._confirmed.pop(channel, None)
@@ -113,10 +120,10 @@ class ResultWaiter:
                 if event is not None:
                     event.set()
             elif message["type"] == "message":
-                meta = _ready(message["data"])
+                meta = _meta(message["data"])
                 if meta is not None:
-                    for future in self._waiting.get(channel, []):
-                        if not future.done():
+                    for future, until in self._waiting.get(channel, []):
+                        if meta.get("status") in until and not future.done():
                             future.set_result(meta)
 
     async def close(self) -> None:

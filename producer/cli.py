@@ -89,7 +89,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     with ActionClient() as client:
         try:
-            result = client.submit(action).result(timeout=args.timeout)
+            result = client.submit(action).result(timeout=args.timeout, final=args.final)
         except ResultTimeout as exc:
             _eprint(f"error: {exc}")
             return EXIT_FAILED
@@ -117,6 +117,12 @@ def build_parser(registrars: Sequence[Registrar] = ()) -> argparse.ArgumentParse
     p.add_argument("action", help="action JSON, '-' for stdin, or @FILE")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the result")
     p.add_argument("--pretty", action="store_true", help="indent the result JSON")
+    p.add_argument(
+        "--final",
+        action="store_true",
+        help="an action a rule parks for approval: wait for the decided result instead of "
+        "printing awaiting_approval at once",
+    )
     p.set_defaults(func=cmd_submit)
 
     add_batch_parser(sub)

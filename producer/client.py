@@ -19,13 +19,14 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from producer.async_results import ResultWaiter
+from producer.async_results import READY, ResultWaiter
 from producer.auth import ProducerKey
 from producer.batch import DEFAULT_WINDOW, BatchRunner
 from producer.config import ProducerSettings, producer_settings, with_credentials
 from producer.errors import FleetUnavailable, InvalidAction, ResultTimeout, UnsupportedPrimitive
 from producer.models import Action, ActionResult, queue_for, task_name_for
 from producer.transport import (
+    AWAITING_APPROVAL_STATE,
     LazyWatchRedisBackend,
     celery_conf,
     kwargs_repr,
@@ -36,6 +37,16 @@ from producer.validation import parse_action
 
 READY_STATES = states.READY_STATES
 _POLL_S = 5.0  # how often a long wait double-checks the stored result
+_FIRST_POLL_S = 0.5
+
+
+class _Parked(Exception):
+    """Raised from the result listener: the action awaits approval (not final)."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("awaiting approval")
+        self.value = value
+
 
 __all__ = ["SUPPORTED_PRIMITIVES", "ActionClient", "ActionHandle", "validate_action"]
 
@@ -71,15 +82,35 @@ class ActionHandle:
             return None
         return self._outcome(meta.get("result"), meta.get("status"))
 
-    def result(self, timeout: float | None = None) -> ActionResult:
-        """Wait up to ``timeout`` seconds (None: forever). Raises ``ResultTimeout``."""
+    def result(self, timeout: float | None = None, *, final: bool = False) -> ActionResult:
+        """Wait up to ``timeout`` seconds (None: forever). Raises ``ResultTimeout``.
+
+        An action a rule parked for a human's approval returns ``awaiting_approval`` at
+        once (``result.final`` is False); call again with ``final=True`` (or pass it
+        the first time) to wait past it for the decided run's result."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        task_id = self._async.id
+
+        def parked(meta: dict[str, Any]) -> None:  # every result message the client hears
+            mine = not final and meta.get("task_id") == task_id
+            if mine and meta.get("status") == AWAITING_APPROVAL_STATE:
+                raise _Parked(meta.get("result"))
+
+        first = True
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            step = _POLL_S if left is None else min(_POLL_S, left)
+            # A short first wait: a park stored before we subscribed is only read back here.
+            step = (
+                (_FIRST_POLL_S if first else _POLL_S)
+                if left is None
+                else min(_FIRST_POLL_S if first else _POLL_S, left)
+            )
+            first = False
             try:
-                value = self._async.get(timeout=step, propagate=False)
+                value = self._async.get(timeout=step, propagate=False, on_message=parked)
                 break
+            except _Parked as park:
+                return ActionResult.model_validate(park.value)
             except CeleryTimeout:
                 # The result is announced over pub/sub; a broker restart can drop that
                 # message, so also read the stored result directly before waiting again.
@@ -90,20 +121,28 @@ class ActionHandle:
                 if meta.get("status") in READY_STATES:
                     value = meta.get("result")
                     break
+                if meta.get("status") == AWAITING_APPROVAL_STATE and not final:
+                    return ActionResult.model_validate(meta.get("result"))
                 if left is not None and left <= step:
                     raise ResultTimeout(
                         f"no result for action {self.action_id} after {timeout}s; it may still run"
                     ) from None
         return self._outcome(value, self._async.state)
 
-    async def aresult(self, waiter: ResultWaiter, timeout: float | None = None) -> ActionResult:
+    async def aresult(
+        self, waiter: ResultWaiter, timeout: float | None = None, *, final: bool = False
+    ) -> ActionResult:
         """``result`` for asyncio: waits on ``waiter`` (``ActionClient.waiter()``), no
-        thread blocked. Raises ``ResultTimeout``."""
-        meta = await waiter.wait(self._async.id, timeout)
+        thread blocked; ``awaiting_approval`` ends the wait unless ``final``. Raises
+        ``ResultTimeout``."""
+        until = READY if final else READY | {AWAITING_APPROVAL_STATE}
+        meta = await waiter.wait(self._async.id, timeout, until=until)
         if meta is None:
             raise ResultTimeout(
                 f"no result for action {self.action_id} after {timeout}s; it may still run"
             )
+        if meta.get("status") == AWAITING_APPROVAL_STATE:
+            return ActionResult.model_validate(meta.get("result"))
         return self._outcome(meta.get("result"), meta.get("status"))
 
     def _outcome(self, value: Any, state: str | None) -> ActionResult:
@@ -277,9 +316,11 @@ class ActionClient:
         task_id = task_id_for(action.tenant_id, action.action_id)
         return ActionHandle(action, self._app.AsyncResult(task_id))
 
-    def run(self, action: Any, timeout: float | None = None) -> ActionResult:
-        """Submit and wait for the result."""
-        return self.submit(action).result(timeout=timeout)
+    def run(
+        self, action: Any, timeout: float | None = None, *, final: bool = False
+    ) -> ActionResult:
+        """Submit and wait for the result (``final``: wait past ``awaiting_approval``)."""
+        return self.submit(action).result(timeout=timeout, final=final)
 
     def waiter(self) -> ResultWaiter:
         """The result waiter of the running event loop (one per loop, made on first use)."""
@@ -290,10 +331,12 @@ class ActionClient:
             found = self._waiters[loop] = ResultWaiter(backend, poll_s=_POLL_S)
         return found
 
-    async def arun(self, action: Any, timeout: float | None = None) -> ActionResult:
+    async def arun(
+        self, action: Any, timeout: float | None = None, *, final: bool = False
+    ) -> ActionResult:
         """``run`` for asyncio: submit, then wait without blocking the event loop's thread
         (the submission itself is one short Redis write)."""
-        return await self.submit(action).aresult(self.waiter(), timeout)
+        return await self.submit(action).aresult(self.waiter(), timeout, final=final)
 
     def batch(
         self,

@@ -49,7 +49,10 @@ ErrorType = Literal[
     "unauthenticated",
 ]
 
-Status = Literal["succeeded", "failed", "denied", "timed_out", "expired", "invalid"]
+Status = Literal[
+    "succeeded", "failed", "denied", "timed_out", "expired", "invalid", "awaiting_approval"
+]
+"""``awaiting_approval`` is not final: a rule asked a human; the handle resolves later."""
 
 __all__ = [
     "ActionError",

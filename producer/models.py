@@ -421,3 +421,8 @@ class ActionResult(BaseModel):
     @property
     def ok(self) -> bool:
         return self.status == "succeeded"
+
+    @property
+    def final(self) -> bool:
+        """False while a human's approval is awaited (``awaiting_approval``)."""
+        return self.status != "awaiting_approval"

@@ -166,7 +166,15 @@ _OUTPUT_SCHEMA: dict[str, Any] = {
         "action_id": {"type": "string"},
         "status": {
             "type": "string",
-            "enum": ["succeeded", "failed", "denied", "timed_out", "expired", "invalid"],
+            "enum": [
+                "succeeded",
+                "failed",
+                "denied",
+                "timed_out",
+                "expired",
+                "invalid",
+                "awaiting_approval",
+            ],
         },
         "output": {"type": ["object", "null"]},
         "error": {"type": ["object", "null"]},

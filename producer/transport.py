@@ -14,6 +14,7 @@ from kombu import Exchange, Queue
 from producer.config import ProducerSettings
 
 __all__ = [
+    "AWAITING_APPROVAL_STATE",
     "REDIS_PRIORITY_SEP",
     "REDIS_PRIORITY_STEPS",
     "RESULT_KEY_PREFIX",
@@ -33,6 +34,9 @@ WORKFLOW_QUEUE = "actions.workflow"
 # Celery's Redis result backend keeps a task's result at this prefix + task id (and
 # announces it on a channel of the same name).
 RESULT_KEY_PREFIX = "celery-task-meta-"
+# The Celery state of an action parked for approval: not a ready state, so the decided
+# run's result (SUCCESS) replaces it under the same task id, and the handle sees both.
+AWAITING_APPROVAL_STATE = "AWAITING_APPROVAL"
 
 
 def task_id_for(tenant_id: str, action_id: str) -> str:

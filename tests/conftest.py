@@ -28,6 +28,7 @@ pytest_plugins = [
     "tests.browse_fixtures",
     "tests.api_fixtures",
     "tests.audit_fixtures",
+    "tests.governance_fixtures",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,13 +34,15 @@ from celery.app import trace as celery_trace
 from celery.exceptions import Ignore, Reject, Retry
 
 from producer.models import PRIMITIVES, queue_for, task_name_for
-from producer.transport import celery_conf, kwargs_repr
+from producer.transport import AWAITING_APPROVAL_STATE, celery_conf, kwargs_repr
 from workers.auth.verify import Authenticator
 from workers.celery import affinity
 from workers.celery.backend import FleetRedisBackend, run_riders, take_riders
 from workers.celery.broker import install_transport
 from workers.config import get_settings
 from workers.executors import ExecutorRegistry
+from workers.governance.approvals import ApprovalStore, send_message
+from workers.governance.gate import ApprovalGate
 from workers.middleware import ActionContext, LogMiddleware
 from workers.pipeline import Pipeline
 from workers.policy import PolicyEngine
@@ -137,10 +139,26 @@ def get_pipeline() -> Pipeline:
                 nonce_ttl_s=settings.idempotency_retention_s,
                 cache_s=settings.auth_cache_s,
             )
+            gate = ApprovalGate(
+                approval_store(reliability.client), nonce_ttl_s=settings.idempotency_retention_s
+            )
             _pipeline = Pipeline(
-                policy, ExecutorRegistry(settings), [LogMiddleware(), audit], reliability, auth
+                policy,
+                ExecutorRegistry(settings),
+                [LogMiddleware(), audit],
+                reliability,
+                auth,
+                gate,
             )
         return _pipeline
+
+
+def approval_store(client: Any) -> ApprovalStore:
+    return ApprovalStore(
+        client,
+        retention_s=settings.approval_retention_s,
+        redispatch_s=settings.approval_redispatch_s,
+    )
 
 
 def _attempt(task: Task, state: RetryState) -> int:
@@ -187,6 +205,11 @@ def _make_task(primitive: str) -> Any:
         result = get_pipeline().run(ctx)
         if not ctx.store_result:
             raise Ignore()  # acknowledged and audited; nothing stored under a foreign id
+        if ctx.awaiting_approval:
+            # Not final (not a ready state): the handle returns it at once, and the
+            # decided run's result replaces it under this same task id.
+            self.update_state(state=AWAITING_APPROVAL_STATE, meta=result)
+            raise Ignore()
         if ctx.reschedule is None:
             return result
         try:
@@ -296,6 +319,23 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
         )
     if _consumes_code:
         threading.Thread(target=_reap_loop, name="sandbox-reaper", daemon=True).start()
+    threading.Thread(target=_approvals_loop, name="approval-sweep", daemon=True).start()
+
+
+def _approvals_loop() -> None:
+    """Expire approvals past their timeout and send decided messages no worker took
+    (workers/governance/approvals.py); every worker sweeps, the scripts make it safe."""
+    import redis
+
+    url = settings.limits_redis_url or settings.resolved_broker_url() or DEFAULT_BROKER
+    store = approval_store(redis.Redis.from_url(url, socket_timeout=10))
+    while True:
+        try:
+            for message in store.sweep():
+                send_message(app, message)
+        except Exception:
+            log.exception("approval sweep failed; will retry")
+        time.sleep(settings.approval_sweep_s)
 
 
 def _reap_once() -> None:

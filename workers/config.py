@@ -65,6 +65,17 @@ class Settings(AuditEnvSettings, SandboxSettings):
     )
     test_probe_dir: Path | None = Field(None, description="TEST ONLY: where the probe writes")
 
+    # Approvals (docs/policy.md): actions a rule parks for a human's decision.
+    approval_sweep_s: float = Field(
+        5.0, gt=0, le=3_600, description="how often workers expire timed-out approvals"
+    )
+    approval_redispatch_s: float = Field(
+        60.0, gt=0, description="a decided action no worker took is sent again after this"
+    )
+    approval_retention_s: int = Field(
+        7 * 86_400, ge=60, description="decided approval records kept for `approvals show`"
+    )
+
     # files primitive and the code workspace mount (docs/files.md)
     workspace_root: Path | None = Field(None, description="tenant workspaces; <home>/workspaces")
 

@@ -63,6 +63,9 @@ class ActionContext:
     # Set when this delivery is not the last: the task re-queues the message (retry or
     # deferral) instead of returning a result.
     reschedule: Reschedule | None = None
+    # Set when a rule parked the action for a human's approval: the task stores the
+    # not-final ``awaiting_approval`` result and acknowledges the message.
+    awaiting_approval: bool = False
 
     @property
     def action_id(self) -> str | None:
@@ -84,6 +87,8 @@ class LifecycleEvent:
     decision: str | None = None
     reason: str | None = None
     result: ActionResult | None = None
+    rule_id: str | None = None  # the Cedar rule that decided (workers/governance)
+    approver: str | None = None  # who approved or denied a parked action
 
 
 class Middleware:
@@ -127,6 +132,10 @@ class LogMiddleware(Middleware):
             record["status"] = event.status
         if event.decision:
             record |= {"decision": event.decision, "reason": event.reason}
+        if event.rule_id:
+            record["rule_id"] = event.rule_id
+        if event.approver:
+            record["approver"] = event.approver
         if event.result is not None:
             record["duration_ms"] = event.result.duration_ms
             if event.result.error is not None:

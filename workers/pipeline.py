@@ -1,14 +1,17 @@
 """The execution pipeline, top to bottom in one place.
 
     validate -> authenticate (the producer key's signature and scope) -> deadline ->
-    policy -> reliability.admit (idempotency, rate, concurrency, quota) -> middleware ->
+    policy (ceilings, Cedar rules) -> approval gate (rules that ask a human) ->
+    reliability.admit (idempotency, rate, concurrency, quota) -> middleware ->
     execute -> normalize -> reliability.settle (retry / final / dead letter) -> events
 
 ``Pipeline.run`` never raises: every outcome, including a bug in an executor, becomes an
 ``ActionResult`` the agent can act on, and every stage emits a lifecycle event. When the
 delivery is not the last one (deferred over a limit, or a retry is due) ``run`` sets
 ``ctx.reschedule`` and emits ``retried`` instead of ``finished``; the Celery task then
-re-queues the same message under the same task id (workers/app.py).
+re-queues the same message under the same task id (workers/app.py). When a rule parks
+the action for approval, ``run`` sets ``ctx.awaiting_approval`` and returns the
+``awaiting_approval`` result; the decided message comes back later (workers/governance).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from producer.errors import (
     DeadlinePassed,
     InternalError,
     InvalidAction,
+    PolicyDenied,
     Unauthenticated,
     ValidationError_,
 )
@@ -31,8 +35,9 @@ from producer.transport import task_id_for
 from producer.validation import parse_action
 from workers.auth.verify import Authenticator
 from workers.executors import ExecutorRegistry
+from workers.governance.gate import ApprovalGate, AwaitingApproval
 from workers.middleware import ActionContext, LifecycleEvent, Middleware, Reschedule, Stage
-from workers.policy import PolicyEngine
+from workers.policy import Grant, PolicyEngine
 from workers.reliability import Deferred, Duplicate, Reliability
 
 __all__ = ["Pipeline"]
@@ -48,12 +53,14 @@ class Pipeline:
         middleware: Sequence[Middleware] = (),
         reliability: Reliability | None = None,
         auth: Authenticator | None = None,
+        approvals: ApprovalGate | None = None,
     ) -> None:
         self.policy = policy
         self.executors = executors
         self.middleware = list(middleware)
         self.reliability = reliability
         self.auth = auth
+        self.approvals = approvals
 
     def run(self, ctx: ActionContext) -> dict[str, Any]:
         """Execute one delivery of an action; returns the result as JSON-ready dict."""
@@ -70,6 +77,11 @@ class Pipeline:
             ctx.reschedule = self.reliability.deferred(ctx, deferred)
             self._emit("retried", ctx, decision="deferred", reason=deferred.reason)
             return {}
+        except AwaitingApproval as parked:
+            # Not final: nothing was admitted or run; the decided message comes back.
+            ctx.awaiting_approval = True
+            result = self._result(ctx, "awaiting_approval", output=parked.output())
+            return result.model_dump(mode="json")
         except InvalidAction as exc:
             result = self._result(
                 ctx,
@@ -160,9 +172,14 @@ class Pipeline:
         try:
             grant = self.policy.authorize(action)
         except ActionError as exc:
-            self._emit("policy", ctx, decision="deny", reason=exc.message)
+            rule = exc.details.get("rule_id")
+            self._emit("policy", ctx, decision="deny", reason=exc.message, rule_id=rule)
             raise
-        self._emit("policy", ctx, decision="allow", reason=grant.reason)
+        if grant.needs_approval:
+            self._approval(ctx, action, grant)
+        else:
+            rule = grant.verdict.rule.id if grant.verdict is not None else None
+            self._emit("policy", ctx, decision="allow", reason=grant.reason, rule_id=rule)
         if self.reliability is not None:
             try:
                 self.reliability.admit(ctx, action, grant)
@@ -174,6 +191,48 @@ class Pipeline:
         executor = self.executors.get(action.primitive)
         self._emit("started", ctx)
         return executor.execute(action, grant, ctx)
+
+    def _approval(self, ctx: ActionContext, action: Any, grant: Grant) -> None:
+        """A rule asks a human: park the action, or carry out the decision made on it."""
+        verdict = grant.verdict
+        assert verdict is not None
+        rule = verdict.rule.id
+        if self.approvals is None:
+            exc = PolicyDenied(
+                f"rule {rule!r} needs a human's approval and this worker has no approval "
+                "store; the action was not run",
+                reason="approval_unavailable",
+                rule_id=rule,
+            )
+            self._emit("policy", ctx, decision="deny", reason=exc.message, rule_id=rule)
+            raise exc
+        try:
+            record = self.approvals.check(ctx, action, verdict)
+        except AwaitingApproval as parked:
+            if parked.first:  # the approval request, audited once
+                why = f"needs approval: {verdict.rule.description}"
+                self._emit("policy", ctx, decision="require_approval", reason=why, rule_id=rule)
+            raise
+        except ActionError as exc:
+            d = exc.details
+            outcome = {"approval_denied": "approval_denied", "approval_timeout": "expired"}
+            self._emit(
+                "policy",
+                ctx,
+                decision=outcome.get(str(d.get("reason")), "deny"),
+                reason=str(d.get("approver_reason") or exc.message),
+                rule_id=rule,
+                approver=d.get("approver"),
+            )
+            raise
+        self._emit(
+            "policy",
+            ctx,
+            decision="approved",
+            reason=record.reason,
+            rule_id=rule,
+            approver=record.decided_by,
+        )
 
     def _result(
         self,

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from producer.errors import PolicyDenied
 from producer.models import PRIMITIVES, Action, BrowseAction, CodeAction, Primitive
 from sandboxes.base import Limits
+from workers.governance.rules import RulesConfig, Ruleset, Verdict
 from workers.guarantees.limits import LimitsPolicy
 from workers.guarantees.retries import RetryPolicy
 from workers.outbound.egress import EgressPolicy
@@ -146,6 +147,15 @@ class PolicyFile(_Strict):
     version: Literal[1] = 1
     default: TenantPolicy = Field(default_factory=TenantPolicy)
     tenants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    rules: RulesConfig | None = Field(None, description="Cedar rules per agent and argument")
+    _ruleset: Ruleset | None = PrivateAttr(None)
+
+    @property
+    def ruleset(self) -> Ruleset | None:
+        """The compiled ``rules`` section (``load_policy`` compiles it)."""
+        if self._ruleset is None and self.rules is not None:
+            self._ruleset = Ruleset(self.rules)
+        return self._ruleset
 
     def for_tenant(self, tenant_id: str) -> TenantPolicy:
         override = self.tenants.get(tenant_id)
@@ -176,7 +186,9 @@ def load_policy(path: Path | None) -> PolicyFile:
         policy = PolicyFile.model_validate(data)
         for tenant in policy.tenants:  # fail at load, not on the tenant's first action
             policy.for_tenant(tenant)
-    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        if policy.rules is not None:  # Cedar: parsed and type-checked here, not per action
+            policy._ruleset = Ruleset(policy.rules, base_dir=Path(path).parent)
+    except (OSError, yaml.YAMLError, ValidationError, ValueError) as exc:
         raise ValueError(f"policy file {path} is invalid: {exc}") from exc
     return policy
 
@@ -189,6 +201,13 @@ class Grant:
     limits: Limits | None = None  # set for sandboxed primitives
     workspace: Literal["none", "ro", "rw"] = "none"
     reason: str = "allowed"
+    # The Cedar rules' verdict (None without a ``rules`` section); ``require_approval``
+    # sends the action to the approval gate (workers/governance/gate.py).
+    verdict: Verdict | None = None
+
+    @property
+    def needs_approval(self) -> bool:
+        return self.verdict is not None and self.verdict.outcome == "require_approval"
 
 
 def _ceiling(field: str, asked: float | None, default: float, ceiling: float, unit: str) -> float:
@@ -236,7 +255,21 @@ class PolicyEngine:
         return self._policy
 
     def authorize(self, action: Action) -> Grant:
-        tenant = self.current().for_tenant(action.tenant_id)
+        """The tenant's ceilings, then the Cedar rules: a ``Grant`` (maybe needing
+        approval), or ``PolicyDenied`` naming the ceiling or the rule."""
+        policy = self.current()
+        grant = self._ceilings(action, policy.for_tenant(action.tenant_id))
+        rules = policy.ruleset
+        if rules is None:
+            return grant
+        verdict = rules.decide(action)
+        if verdict.outcome == "deny":
+            raise verdict.denial()
+        ids = ", ".join(r.id for r in verdict.rules)
+        reason = f"needs approval ({ids})" if verdict.outcome != "allow" else f"allowed ({ids})"
+        return replace(grant, verdict=verdict, reason=reason)
+
+    def _ceilings(self, action: Action, tenant: TenantPolicy) -> Grant:
         if action.primitive not in tenant.primitives:
             raise PolicyDenied(
                 f"tenant {action.tenant_id!r} may not use primitive {action.primitive!r}; "

@@ -286,6 +286,8 @@ def test_schema_is_versioned_and_retention_configurable(tmp_path: Path) -> None:
         assert cols["tenant_id"] == "LowCardinality(String)"
         assert cols["key_id"] == "LowCardinality(String)"
         assert cols["blocked_requests"] == "UInt32"
+        # v4: the Cedar rule and the approver of each policy decision (docs/policy.md)
+        assert cols["policy_rule_id"] == cols["approver"] == "LowCardinality(String)"
         assert cols["gen_ai.tool.name"] == "String"  # OpenTelemetry alias of primitive
     finally:
         client.close()

@@ -1,6 +1,6 @@
 """The operator's commands: ``up``, ``status``, ``down``, ``demo``, ``worker``, ``sandbox``,
-and (registered from their own modules) ``audit``, ``dead``, ``keys``, ``metrics``,
-``flower``.
+and (registered from their own modules) ``audit``, ``dead``, ``keys``, ``policy``,
+``approvals``, ``metrics``, ``flower``.
 
 ``add_commands`` is the ``actionfleet.commands`` entry point through which they join the
 ``actionfleet`` parser of ``producer.cli``. ``python -m workers.ops.cli`` is the whole CLI
@@ -22,6 +22,7 @@ from producer.cli import main as cli_main
 from producer.errors import ActionFleetError, FleetUnavailable
 from workers.config import get_settings
 from workers.ops.dead import add_dead_parser
+from workers.ops.governance_cli import add_governance_parsers
 from workers.ops.keys import add_keys_parser
 from workers.ops.roles import add_ops_parser
 
@@ -278,6 +279,7 @@ def add_commands(sub: Any) -> None:
     add_audit_parser(sub)
     add_dead_parser(sub)
     add_keys_parser(sub)
+    add_governance_parsers(sub)
     add_ops_parser(sub)
 
 

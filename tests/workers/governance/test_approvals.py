@@ -1,0 +1,200 @@
+"""Human approval through a real worker and real Redis, with signed actions: a parked
+action returns awaiting_approval at once and its handle resolves later; approve runs it
+once, deny ends it denied, the timeout ends it expired; two approvers at once give one
+run; the HTTP endpoint authenticates approvers; the webhook announces each request; every
+decision is audited with the approver and the reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from typing import Any
+
+import pytest
+
+from producer.client import ActionHandle
+from tests.conftest import ROOT
+from tests.governance_fixtures import GovFleet
+from tests.reliability_fixtures import runs, wait_for
+from tests.workers.governance.test_rules_fleet import wait_audit
+from workers.governance.approvals import ApprovalStore
+from workers.governance.approvers import ApproverStore
+from workers.governance.http import ApprovalsServer
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("tripwire")]
+
+
+def parked_code(agent: str = "analyst-1") -> dict[str, Any]:
+    """A code action the rule code-rw-builders parks (the probe counts its runs)."""
+    return {
+        "primitive": "code",
+        "tenant_id": "acme",
+        "agent_id": agent,
+        "action_id": str(uuid.uuid4()),
+        "payload": {"language": "python", "source": json.dumps({}), "workspace": "rw"},
+    }
+
+
+def park(fleet: GovFleet, action: dict[str, Any] | None = None) -> tuple[ActionHandle, str]:
+    handle = fleet.client().submit(action or parked_code())
+    first = handle.result(timeout=60)
+    assert first.status == "awaiting_approval" and not first.final, first
+    assert first.output is not None
+    return handle, first.output["approval_id"]
+
+
+def run_count(fleet: GovFleet, action_id: str) -> int:
+    return sum(1 for r in runs(fleet.probe_dir) if r["action_id"] == action_id)
+
+
+def test_approved_action_runs_once_and_is_audited(gov_fleet: GovFleet) -> None:
+    handle, approval_id = park(gov_fleet)
+    assert approval_id == f"acme+{handle.action_id}"
+    code, listed = gov_fleet.cli_json("approvals", "list")
+    assert code == 0 and approval_id in [r["id"] for r in listed], listed
+    code, shown = gov_fleet.cli_json("approvals", "show", approval_id)
+    assert shown["status"] == "pending" and shown["rule_id"] == "code-rw-builders"
+    assert shown["message"]["payload"]["workspace"] == "rw" and "auth" not in shown["message"]
+    assert run_count(gov_fleet, handle.action_id) == 0
+    code, out = gov_fleet.cli_json(
+        "approvals", "approve", approval_id, "--reason", "reviewed the diff", "--as", "alice"
+    )
+    assert code == 0 and out["status"] == "approved" and out["decided_by"] == "alice", out
+    final = handle.result(timeout=90, final=True)
+    assert final.ok, final
+    assert run_count(gov_fleet, handle.action_id) == 1
+    # The request and the decision are audited, with the rule, the approver and the reason.
+    asked = wait_audit(gov_fleet, handle.action_id, "policy", "require_approval")
+    assert asked["policy_rule_id"] == "code-rw-builders" and asked["status"] == "awaiting_approval"
+    approved = wait_audit(gov_fleet, handle.action_id, "policy", "approved")
+    assert approved["approver"] == "alice" and approved["policy_reason"] == "reviewed the diff"
+    wait_audit(gov_fleet, handle.action_id, "finished", "approved")
+    # Approving again changes nothing and runs nothing.
+    again = gov_fleet.cli("approvals", "approve", approval_id, "--reason", "twice")
+    assert again.returncode == 1 and "already approved" in again.stderr, again
+    assert run_count(gov_fleet, handle.action_id) == 1
+
+
+def test_denied_action_ends_denied_and_never_runs(gov_fleet: GovFleet) -> None:
+    handle, approval_id = park(gov_fleet)
+    code, out = gov_fleet.cli_json(
+        "approvals", "deny", approval_id, "--reason", "no writes today", "--as", "bob"
+    )
+    assert code == 0 and out["status"] == "denied", out
+    final = handle.result(timeout=90, final=True)
+    assert final.status == "denied" and final.error is not None, final
+    details = final.error.details
+    assert details["approver"] == "bob" and details["approver_reason"] == "no writes today"
+    assert details["rule_id"] == "code-rw-builders"
+    assert run_count(gov_fleet, handle.action_id) == 0
+    row = wait_audit(gov_fleet, handle.action_id, "policy", "approval_denied")
+    assert row["approver"] == "bob" and row["policy_reason"] == "no writes today"
+
+
+def test_nobody_decides_in_time_and_it_expires(gov_fleet: GovFleet) -> None:
+    handle, approval_id = park(gov_fleet, parked_code("hurry-1"))  # rule hurry: 2 s
+    final = handle.result(timeout=120, final=True)
+    assert final.status == "expired" and final.error is not None, final
+    assert final.error.details["reason"] == "approval_timeout"
+    assert run_count(gov_fleet, handle.action_id) == 0
+    late = gov_fleet.cli("approvals", "approve", approval_id, "--reason", "too late")
+    assert late.returncode == 1 and "expired" in late.stderr, late
+    wait_audit(gov_fleet, handle.action_id, "policy", "expired")
+
+
+def test_two_approvers_at_once_give_one_run(gov_fleet: GovFleet) -> None:
+    handle, approval_id = park(gov_fleet)
+    argv = [sys.executable, "-m", "workers.ops.cli", "approvals", "approve", approval_id]
+    procs = [
+        subprocess.Popen(
+            [*argv, "--reason", f"ok from {who}", "--as", who],
+            env=gov_fleet.env(),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for who in ("carol", "dave")
+    ]
+    outcomes = [p.communicate(timeout=120) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 1], outcomes
+    assert handle.result(timeout=90, final=True).ok
+    wait_for(lambda: run_count(gov_fleet, handle.action_id) >= 1, 30, "the run")
+    assert run_count(gov_fleet, handle.action_id) == 1
+
+
+def _http(
+    url: str, token: str | None, body: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_http_endpoint_authenticates_approvers(gov_fleet: GovFleet) -> None:
+    client = gov_fleet.redis.client()
+    approvers = ApproverStore(client)
+    _, token = approvers.add("erin", "acme")
+    _, other = approvers.add("frank", "beta*")
+    app = gov_fleet.client()._app  # publishes decided messages like the CLI's app
+    server = ApprovalsServer(
+        ("127.0.0.1", 0),
+        ApprovalStore(client),
+        approvers,
+        lambda m: app.send_task(
+            f"actionfleet.{m['primitive']}",
+            kwargs={"message": m},
+            queue=f"actions.{m['primitive']}",
+            declare=[],
+            task_id=f"{m['tenant_id']}+{m['action_id']}",
+        ),
+    )
+    import threading
+
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        handle, approval_id = park(gov_fleet)
+        base = f"{server.url}/approvals"
+        assert _http(base, None)[0] == 401
+        assert _http(base, "afa1_not-a-token")[0] == 401
+        status, body = _http(base, token)
+        assert status == 200 and approval_id in [a["id"] for a in body["approvals"]]
+        status, body = _http(base, other)
+        assert status == 200 and approval_id not in [a["id"] for a in body["approvals"]]
+        assert _http(f"{base}/{approval_id}/approve", other, {"reason": "x"})[0] == 403
+        status, body = _http(f"{base}/{approval_id}/approve", token, {})
+        assert status == 400 and body["error"]["field"] == "reason", body
+        status, body = _http(f"{base}/{approval_id}/approve", token, {"reason": "looks fine"})
+        assert status == 200 and body["decided_by"] == "erin", body
+        assert _http(f"{base}/{approval_id}/deny", token, {"reason": "late"})[0] == 409
+        assert handle.result(timeout=90, final=True).ok
+        row = wait_audit(gov_fleet, handle.action_id, "policy", "approved")
+        assert row["approver"] == "erin" and row["policy_reason"] == "looks fine"
+    finally:
+        server.shutdown()
+        server.server_close()
+        client.close()
+
+
+def test_webhook_announces_each_request(gov_fleet: GovFleet) -> None:
+    gov_fleet.webhook.got.clear()
+    handle, approval_id = park(gov_fleet)
+    wait_for(
+        lambda: any(b["id"] == approval_id for b in gov_fleet.webhook.bodies), 30, "the webhook"
+    )
+    body = next(b for b in gov_fleet.webhook.bodies if b["id"] == approval_id)
+    assert body["event"] == "approval_requested" and body["rule_id"] == "code-rw-builders"
+    assert "auth" not in body["message"]
+    gov_fleet.cli("approvals", "deny", approval_id, "--reason", "cleanup")
+    assert handle.result(timeout=90, final=True).status == "denied"

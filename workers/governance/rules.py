@@ -1,0 +1,326 @@
+"""Rules per agent and per argument: the ``rules`` section of the policy file, in Cedar.
+
+::
+
+    rules:
+      default: allow                 # what no rule speaks of (allow | deny)
+      groups:                        # agent groups / roles: fnmatch over "tenant/agent" or "agent"
+        builders: ["builder-*", "acme/ci-bot"]
+      cedar: |
+        @id("no-report-deletes")
+        @description("nothing under reports/ is ever deleted")
+        forbid (principal, action == Action::"files:delete", resource)
+        when { resource.path == "reports" || resource.path like "reports/*" };
+      approvals: {timeout_s: 3600, webhook: {url: ..., egress: {...}}}
+
+Outcomes, in this precedence: **deny > require_approval > allow**. A ``forbid`` rule denies;
+a ``forbid`` rule annotated ``@outcome("approval")`` asks a human instead (Cedar has no
+such effect: it is a forbid whose meaning we read from the annotation); ``permit`` rules
+matter under ``default: deny``. Every rule needs ``@id`` (unique) and ``@description``
+(what a refused agent is told). ``@timeout("30m")`` on an approval rule sets its own
+approval timeout.
+
+One Cedar evaluation per action, on the rules whose action scope can match it (the set is
+sliced per Cedar action when the file loads: exact, since Cedar checks the scope first). A
+rule that fails to evaluate (an error inside its condition) counts as satisfied: a broken
+forbid must not open the fleet.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import cedarpy
+from cedarpy import pst
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from producer.errors import PolicyDenied
+from producer.models import Action
+from workers.governance.model import ACTIONS, SCHEMA, CedarRequest, request_for
+from workers.outbound.egress import EgressPolicy
+
+__all__ = [
+    "ApprovalSettings",
+    "Rule",
+    "RulesConfig",
+    "Ruleset",
+    "Verdict",
+    "WebhookSettings",
+]
+
+Outcome = Literal["allow", "deny", "require_approval"]
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
+_ERROR_POLICY = re.compile(r"policy `?([A-Za-z0-9_]+)`?")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WebhookSettings(_Strict):
+    """Where an approval request is announced (a POST of JSON), through the egress guard."""
+
+    url: str = Field(min_length=1, max_length=2048)
+    egress: EgressPolicy = Field(
+        default_factory=EgressPolicy, description="the guard's rules for this URL"
+    )
+    timeout_s: float = Field(5.0, gt=0, le=60)
+
+
+class ApprovalSettings(_Strict):
+    timeout_s: float = Field(3600, gt=0, le=30 * 86_400, description="default approval wait")
+    webhook: WebhookSettings | None = None
+
+
+class RulesConfig(_Strict):
+    default: Literal["allow", "deny"] = "allow"
+    groups: dict[str, list[str]] = Field(default_factory=dict)
+    cedar: str = Field("", description="Cedar policies")
+    files: list[Path] = Field(default_factory=list, description="more .cedar files")
+    approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
+
+    @field_validator("groups")
+    @classmethod
+    def _group_names(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+                raise ValueError(f"group name {name!r}: letters, digits, '.', '_', '-'")
+        return v
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``1h`` or ``7d``."""
+    m = _DURATION.match(text.strip().lower())
+    if not m:
+        raise ValueError(f"a duration like 30m, 1h or 7d, not {text!r}")
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One Cedar policy with what its annotations say."""
+
+    policy_id: str  # Cedar's own (policy0, policy1, ...)
+    id: str  # @id
+    description: str
+    effect: Literal["permit", "forbid"]
+    outcome: Literal["allow", "deny", "approval"]
+    timeout_s: float | None = None
+
+    def public(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "description": self.description}
+        out |= {"effect": self.effect, "outcome": self.outcome}
+        if self.timeout_s is not None:
+            out["timeout_s"] = self.timeout_s
+        return out
+
+
+_DEFAULT_ALLOW_TEXT = """
+@id("default-allow")
+@description("what no rule forbids is allowed")
+permit (principal, action, resource);"""
+_DEFAULT_ALLOW = Rule("", "default-allow", "what no rule forbids is allowed", "permit", "allow")
+_DEFAULT_DENY = Rule(
+    "",
+    "default-deny",
+    "no rule permits this action (the policy allows only what it names)",
+    "forbid",
+    "deny",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The rules' decision on one action, and the rules that made it."""
+
+    outcome: Outcome
+    rules: tuple[Rule, ...]
+    request: CedarRequest
+    errors: tuple[str, ...] = ()
+    timeout_s: float | None = None  # require_approval: how long a human may take
+    approvals: ApprovalSettings | None = None  # require_approval: the file's settings
+
+    @property
+    def rule(self) -> Rule:
+        return self.rules[0]
+
+    def denial(self) -> PolicyDenied:
+        r = self.rule
+        req = self.request
+        return PolicyDenied(
+            f"rule {r.id!r} forbids {req.action} on this {req.resource_type.lower()} for "
+            f"agent {req.principal_attrs['id']!r}: "
+            f"{r.description}. Choose an action the rules allow, or ask an operator to "
+            "change the rule",
+            reason="rule",
+            rule_id=r.id,
+            rule_description=r.description,
+            rules=[x.id for x in self.rules],
+            action=self.request.action,
+        )
+
+    def explain(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "decision": self.outcome,
+            "rules": [r.public() for r in self.rules],
+            "request": self.request.explain(),
+        }
+        if self.errors:
+            out["errors"] = list(self.errors)
+        if self.timeout_s is not None:
+            out["approval_timeout_s"] = self.timeout_s
+        return out
+
+
+# The action hierarchy (files:delete in files, in writes…), parsed once per process.
+_ACTION_ENTITIES = cedarpy.Entities.from_json_str(
+    json.dumps(
+        [
+            {
+                "uid": {"type": "Action", "id": name},
+                "attrs": {},
+                "parents": [{"type": "Action", "id": g} for g in groups],
+            }
+            for name, groups in ACTIONS.items()
+        ]
+    )
+)
+
+
+def _rule(policy_id: str, node: Any) -> Rule:
+    notes = dict(node.annotations)
+    where = f"rule {policy_id} (the {int(policy_id.removeprefix('policy')) + 1}. policy)"
+    rid, desc = notes.get("id"), notes.get("description")
+    if not rid:
+        raise ValueError(f'{where} has no @id("..."): every rule needs an id')
+    if not desc:
+        raise ValueError(f'rule {rid!r} has no @description("..."): say what it stops and why')
+    effect = node.effect
+    outcome = notes.get("outcome", "deny" if effect == "forbid" else "allow")
+    if (effect, outcome) not in (("forbid", "deny"), ("forbid", "approval"), ("permit", "allow")):
+        raise ValueError(
+            f'rule {rid!r}: @outcome({outcome!r}) on a {effect} rule; use @outcome("approval") '
+            "on a forbid rule, or none"
+        )
+    timeout = None
+    if "timeout" in notes:
+        try:
+            timeout = parse_duration(notes["timeout"])
+        except ValueError as exc:
+            raise ValueError(f"rule {rid!r}: @timeout: {exc}") from None
+    return Rule(policy_id, rid, desc, effect, outcome, timeout)
+
+
+def _matches_action(scope: Any, action: str) -> bool:
+    if isinstance(scope, pst.ScopeAny):
+        return True
+    names = {action, *ACTIONS[action]}
+    if isinstance(scope, pst.ActionEq):
+        return scope.entity.id in names
+    return any(e.id in names for e in scope.entities)  # ActionIn
+
+
+class Ruleset:
+    """The compiled ``rules`` section: one evaluator, used by workers and by
+    ``actionfleet policy check`` alike (``PolicyEngine.authorize``)."""
+
+    def __init__(self, config: RulesConfig, base_dir: Path | None = None) -> None:
+        self.config = config
+        text = config.cedar
+        for f in config.files:
+            path = f if f.is_absolute() or base_dir is None else base_dir / f
+            text += "\n" + path.read_text()
+        if config.default == "allow":
+            text += _DEFAULT_ALLOW_TEXT
+        try:
+            parsed = cedarpy.PolicySet.from_str(text)
+        except ValueError as exc:
+            raise ValueError(f"rules: the Cedar text does not parse: {exc}") from None
+        checked = cedarpy.validate_policies(text, SCHEMA)
+        if not checked.validation_passed:
+            names = checked.id_annotations_by_policy_id
+            errs = "; ".join(
+                f"rule {names.get(e.policy_id, e.policy_id)!r}: {e.error}" for e in checked.errors
+            )
+            raise ValueError(f"rules: {errs}")
+        tree = parsed.to_pst()
+        nodes = dict(tree.static_policies)
+        self._nodes = nodes
+        if tree.templates:
+            raise ValueError("rules: templates (?principal, ?resource) are not supported")
+        self.rules: dict[str, Rule] = {pid: _rule(pid, n) for pid, n in nodes.items()}
+        seen: dict[str, str] = {}
+        for r in self.rules.values():
+            if r.id in seen:
+                raise ValueError(f"rules: two rules have @id({r.id!r}); ids must be unique")
+            seen[r.id] = r.policy_id
+        self.by_id = {r.id: r for r in self.rules.values()}
+        # One policy set per Cedar action, of the rules whose scope can match it.
+        self._sliced: dict[str, Any] = {}
+        for name in ACTIONS:
+            keep = {pid: n for pid, n in nodes.items() if _matches_action(n.action, name)}
+            self._sliced[name] = cedarpy.PolicySet.from_pst(
+                pst.PolicySet(templates={}, static_policies=keep, template_links=())
+            )
+        self._approval_free = config.default == "deny" and any(
+            r.outcome == "approval" for r in self.rules.values()
+        )
+        self._groups = [(g, tuple(p)) for g, p in config.groups.items()]
+        self.groups_of = lru_cache(maxsize=4096)(self._groups_of)
+        self.count = len([r for r in self.rules.values() if r.id != "default-allow"])
+
+    def _groups_of(self, tenant: str, agent: str) -> list[str]:
+        both = f"{tenant}/{agent}"
+        return [
+            g
+            for g, patterns in self._groups
+            if any(fnmatchcase(both if "/" in p else agent, p) for p in patterns)
+        ]
+
+    def _evaluate(self, req: CedarRequest, policies: Any) -> Any:
+        groups = self.groups_of(req.principal_attrs["tenant"], req.principal_attrs["id"])
+        entities = _ACTION_ENTITIES.with_added_json_str(json.dumps(req.entities(groups)))
+        return cedarpy.is_authorized(req.request(), policies, entities)
+
+    def decide(self, action: Action) -> Verdict:
+        req = request_for(action)
+        res = self._evaluate(req, self._sliced[req.action])
+        diag = res.diagnostics
+        errors = tuple(diag.errors)
+        # An erroring rule is treated as satisfied (fail closed).
+        erred = {m.group(1) for e in errors if (m := _ERROR_POLICY.search(e))}
+        fired = [self.rules[p] for p in [*diag.reasons, *sorted(erred)] if p in self.rules]
+        deny = [r for r in fired if r.outcome == "deny"]
+        approval = [r for r in fired if r.outcome == "approval"]
+        if deny:
+            return Verdict("deny", tuple(deny), req, errors)
+        if approval:
+            if self._approval_free and not self._permitted(req):
+                return Verdict("deny", (_DEFAULT_DENY,), req, errors)
+            timeouts = [r.timeout_s for r in approval if r.timeout_s is not None]
+            wait = min(timeouts) if timeouts else self.config.approvals.timeout_s
+            return Verdict(
+                "require_approval", tuple(approval), req, errors, wait, self.config.approvals
+            )
+        if res.allowed:
+            return Verdict("allow", tuple(fired) or (_DEFAULT_ALLOW,), req, errors)
+        return Verdict("deny", (_DEFAULT_DENY,), req, errors)
+
+    def _permitted(self, req: CedarRequest) -> bool:
+        # Under default deny, approval rules fired: does any permit rule let it through?
+        keep = {
+            pid: n
+            for pid, n in self._nodes.items()
+            if self.rules[pid].outcome != "approval" and _matches_action(n.action, req.action)
+        }
+        policies = cedarpy.PolicySet.from_pst(
+            pst.PolicySet(templates={}, static_policies=keep, template_links=())
+        )
+        return bool(self._evaluate(req, policies).allowed)
