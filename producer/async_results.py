@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -51,6 +52,7 @@ class ResultWaiter:
         self._waiting: dict[str, list[tuple[asyncio.Future[dict[str, Any]], frozenset[str]]]] = {}
         self._confirmed: dict[str, asyncio.Event] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._chores: set[asyncio.Task[None]] = set()
 
     async def wait(
         self,
@@ -58,9 +60,13 @@ class ResultWaiter:
         timeout: float | None = None,
         *,
         until: frozenset[str] = READY,
+        start: Callable[[], object] | None = None,
     ) -> dict[str, Any] | None:
         """The task's result meta (``status``, ``result``…) once its state is one of
-        ``until`` (by default a final one); None when ``timeout`` seconds pass first."""
+        ``until`` (by default a final one); None when ``timeout`` seconds pass first.
+        ``start`` is called once the subscription is in place: sending the action there
+        means its result cannot be published unseen, and the subscription's round trip
+        is not added to the wait."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         channel = RESULT_PREFIX + task_id
@@ -71,6 +77,8 @@ class ResultWaiter:
         try:
             if first:
                 await self._subscribe(channel)
+            if start is not None:
+                start()
             while True:
                 meta = _meta(await self._client.get(channel))
                 if meta is not None and meta.get("status") in until:
@@ -88,8 +96,16 @@ class ResultWaiter:
             if not waiters:
                 self._waiting.pop(channel, None)
                 self._confirmed.pop(channel, None)
-                with contextlib.suppress(Exception):
-                    await self._pubsub.unsubscribe(channel)
+                # Off the caller's path: the result is in hand, the unsubscription can follow.
+                task = asyncio.create_task(self._unsubscribe(channel))
+                self._chores.add(task)
+                task.add_done_callback(self._chores.discard)
+
+    async def _unsubscribe(self, channel: str) -> None:
+        if channel in self._waiting:  # waited for again meanwhile: keep it
+            return
+        with contextlib.suppress(Exception):
+            await self._pubsub.unsubscribe(channel)
 
     async def _subscribe(self, channel: str) -> None:
         confirmed = self._confirmed[channel] = asyncio.Event()
@@ -127,6 +143,9 @@ class ResultWaiter:
                             future.set_result(meta)
 
     async def close(self) -> None:
+        for chore in list(self._chores):
+            with contextlib.suppress(BaseException):
+                await chore
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(BaseException):

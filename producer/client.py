@@ -63,6 +63,12 @@ def validate_action(action: Any, primitives: Sequence[str] = SUPPORTED_PRIMITIVE
     return parsed
 
 
+def _until(final: bool) -> frozenset[str]:
+    """The stored states that end an asyncio wait: ``awaiting_approval`` too unless
+    ``final`` (as ``ActionHandle.result``)."""
+    return READY if final else READY | {AWAITING_APPROVAL_STATE}
+
+
 class ActionHandle:
     """A submitted action. ``result()`` waits for and returns its ``ActionResult``."""
 
@@ -135,8 +141,10 @@ class ActionHandle:
         """``result`` for asyncio: waits on ``waiter`` (``ActionClient.waiter()``), no
         thread blocked; ``awaiting_approval`` ends the wait unless ``final``. Raises
         ``ResultTimeout``."""
-        until = READY if final else READY | {AWAITING_APPROVAL_STATE}
-        meta = await waiter.wait(self._async.id, timeout, until=until)
+        meta = await waiter.wait(self._async.id, timeout, until=_until(final))
+        return self._awaited(meta, timeout)
+
+    def _awaited(self, meta: dict[str, Any] | None, timeout: float | None) -> ActionResult:
         if meta is None:
             raise ResultTimeout(
                 f"no result for action {self.action_id} after {timeout}s; it may still run"
@@ -336,7 +344,16 @@ class ActionClient:
     ) -> ActionResult:
         """``run`` for asyncio: submit, then wait without blocking the event loop's thread
         (the submission itself is one short Redis write)."""
-        return await self.submit(action).aresult(self.waiter(), timeout, final=final)
+        parsed = self.validate(action)
+        handles: list[ActionHandle] = []
+        # Sent once the result's channel is subscribed: no round trip of its own to wait.
+        meta = await self.waiter().wait(
+            task_id_for(parsed.tenant_id, parsed.action_id),
+            timeout,
+            until=_until(final),
+            start=lambda: handles.append(self.send(parsed)),
+        )
+        return handles[0]._awaited(meta, timeout)
 
     def batch(
         self,
