@@ -277,3 +277,18 @@ def stream_events(r: redis.Redis) -> int:
 
 def scalar(reader: Any, sql: str) -> Any:
     return reader.query(sql).rows[0][0]
+
+
+def stream_rows(redis_url: str, action_id: str) -> list[dict[str, Any]]:
+    """The audit events of one action still in the Redis stream (not yet ingested)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        rows = []
+        for _, fields in client.xrange(STREAM):
+            for line in fields[b"e"].split(b"\n"):
+                row = json.loads(line)
+                if row["action_id"] == action_id:
+                    rows.append(row)
+        return rows
+    finally:
+        client.close()

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from aiosmtpd.controller import Controller
 
 from producer.auth import ProducerKey
 from producer.client import ActionClient
+from tests.audit_fixtures import stream_rows
 from tests.conftest import ROOT, RedisServer, Worker, start_redis, start_worker, worker_env
 from tests.workers.executors.test_email import SmtpServer
 from workers.auth.keys import KeyStore
@@ -188,17 +188,7 @@ class GovFleet:
             raise AssertionError(f"not JSON from {args}: {out.stdout!r} {out.stderr!r}") from None
 
     def audit_rows(self, action_id: str) -> list[dict[str, Any]]:
-        client = redis.Redis.from_url(self.url)
-        try:
-            rows = []
-            for _, fields in client.xrange("actionfleet:audit"):
-                for line in fields[b"e"].split(b"\n"):
-                    row = json.loads(line)
-                    if row["action_id"] == action_id:
-                        rows.append(row)
-            return rows
-        finally:
-            client.close()
+        return stream_rows(self.url, action_id)
 
 
 def make_fleet(tmp: Path, **extra: str) -> GovFleet:

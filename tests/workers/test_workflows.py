@@ -295,55 +295,15 @@ def test_the_workflow_file_runs_from_the_command_line(
     )
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["status"] == "succeeded"
-    status = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "producer.cli",
-            "workflow",
-            "status",
-            spec.workflow_id,
-            "--tenant",
-            TENANT,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def workflow(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "producer.cli", "workflow", *args, "--tenant", TENANT]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+
+    status = workflow("status", spec.workflow_id)
     assert status.returncode == 0 and json.loads(status.stdout)["workflow_id"] == spec.workflow_id
-    cancel = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "producer.cli",
-            "workflow",
-            "cancel",
-            spec.workflow_id,
-            "--tenant",
-            TENANT,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    cancel = workflow("cancel", spec.workflow_id)
     assert cancel.returncode == 0, cancel.stderr  # a finished workflow stays as it ended
     time.sleep(1.0)
-    after = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "producer.cli",
-            "workflow",
-            "status",
-            spec.workflow_id,
-            "--tenant",
-            TENANT,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    after = workflow("status", spec.workflow_id)
     assert json.loads(after.stdout)["status"] == "succeeded"

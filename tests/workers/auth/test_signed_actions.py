@@ -24,6 +24,7 @@ from producer.auth import ProducerKey
 from producer.client import ActionClient
 from producer.models import ActionResult
 from producer.transport import task_id_for
+from tests.audit_fixtures import stream_rows
 from tests.conftest import ROOT, RedisServer, Worker, start_worker, worker_env
 from workers.auth.keys import KeyStore
 from workers.config import Settings
@@ -95,17 +96,7 @@ def _marker(workspace: Path, message: dict[str, Any]) -> Path:
 
 
 def _audit_rows(url: str, action_id: str) -> list[dict[str, Any]]:
-    client = redis.Redis.from_url(url)
-    try:
-        rows = []
-        for _, fields in client.xrange("actionfleet:audit"):
-            for line in fields[b"e"].split(b"\n"):
-                row = json.loads(line)
-                if row["action_id"] == action_id:
-                    rows.append(row)
-        return rows
-    finally:
-        client.close()
+    return stream_rows(url, action_id)
 
 
 def _wait_audit(url: str, action_id: str, stage: str = "finished") -> list[dict[str, Any]]:
