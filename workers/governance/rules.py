@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import lru_cache
@@ -58,6 +59,7 @@ Outcome = Literal["allow", "deny", "require_approval"]
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
 _ERROR_POLICY = re.compile(r"policy `?([A-Za-z0-9_]+)`?")
+_DECIDED_MAX = 4096  # decisions kept per worker process (per loaded policy)
 
 
 class _Strict(BaseModel):
@@ -275,6 +277,9 @@ class Ruleset:
         self._groups = [(g, tuple(p)) for g, p in config.groups.items()]
         self.groups_of = lru_cache(maxsize=4096)(self._groups_of)
         self.count = len([r for r in self.rules.values() if r.id != "default-allow"])
+        self._decided: OrderedDict[str, tuple[bool, tuple[str, ...], tuple[str, ...]]] = (
+            OrderedDict()
+        )
 
     def _groups_of(self, tenant: str, agent: str) -> list[str]:
         both = f"{tenant}/{agent}"
@@ -289,14 +294,30 @@ class Ruleset:
         entities = _ACTION_ENTITIES.with_added_json_str(json.dumps(req.entities(groups)))
         return cedarpy.is_authorized(req.request(), policies, entities)
 
-    def decide(self, action: Action) -> Verdict:
-        req = request_for(action)
+    def _outcome(self, req: CedarRequest) -> tuple[bool, tuple[str, ...], tuple[str, ...]]:
+        """(allowed, reasons, errors) of Cedar for ``req``. A decision is a pure function
+        of the request, its entities and the rules, so the same request is answered from
+        ``_decided`` (bounded; a reloaded policy is a new Ruleset with an empty one)."""
+        groups = self.groups_of(req.principal_attrs["tenant"], req.principal_attrs["id"])
+        key = json.dumps([req.request(), req.entities(groups)], sort_keys=True)
+        hit = self._decided.get(key)
+        if hit is not None:
+            self._decided.move_to_end(key)
+            return hit
         res = self._evaluate(req, self._sliced[req.action])
         diag = res.diagnostics
-        errors = tuple(diag.errors)
+        outcome = (bool(res.allowed), tuple(diag.reasons), tuple(diag.errors))
+        self._decided[key] = outcome
+        if len(self._decided) > _DECIDED_MAX:
+            self._decided.popitem(last=False)
+        return outcome
+
+    def decide(self, action: Action) -> Verdict:
+        req = request_for(action)
+        allowed, reasons, errors = self._outcome(req)
         # An erroring rule is treated as satisfied (fail closed).
         erred = {m.group(1) for e in errors if (m := _ERROR_POLICY.search(e))}
-        fired = [self.rules[p] for p in [*diag.reasons, *sorted(erred)] if p in self.rules]
+        fired = [self.rules[p] for p in [*reasons, *sorted(erred)] if p in self.rules]
         deny = [r for r in fired if r.outcome == "deny"]
         approval = [r for r in fired if r.outcome == "approval"]
         if deny:
@@ -309,7 +330,7 @@ class Ruleset:
             return Verdict(
                 "require_approval", tuple(approval), req, errors, wait, self.config.approvals
             )
-        if res.allowed:
+        if allowed:
             return Verdict("allow", tuple(fired) or (_DEFAULT_ALLOW,), req, errors)
         return Verdict("deny", (_DEFAULT_DENY,), req, errors)
 

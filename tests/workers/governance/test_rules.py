@@ -72,6 +72,25 @@ def test_a_broken_edit_keeps_the_last_good_rules(tmp_path: Path) -> None:
         engine.authorize(_files("anyone", "delete", "reports/a"))  # type: ignore[arg-type]
 
 
+def test_a_kept_decision_is_the_same_and_a_changed_policy_decides_again(tmp_path: Path) -> None:
+    """Workers keep decisions (a pure function of request and rules); an edited policy is
+    a new rule set that decides afresh, never from the old one's decisions."""
+    path = _file(tmp_path, RULES, groups={"builders": ["builder-*"]})
+    engine = PolicyEngine(path)
+    for _ in range(2):  # the second is answered from the kept decision
+        with pytest.raises(PolicyDenied) as info:
+            engine.authorize(_files("anyone", "delete", "reports/a"))  # type: ignore[arg-type]
+        assert info.value.details["rule_id"] == "no-report-deletes"
+    assert engine.authorize(_files("anyone", "delete", "notes/a")).verdict.outcome == "allow"  # type: ignore
+    edited = RULES.replace('like "reports/*"', 'like "notes/*"')
+    assert edited != RULES
+    _file(tmp_path, edited, groups={"builders": ["builder-*"]})
+    os.utime(path, (1, 1))  # a different mtime: the engine reloads
+    assert engine.authorize(_files("anyone", "delete", "reports/a")).verdict.outcome == "allow"  # type: ignore
+    with pytest.raises(PolicyDenied):
+        engine.authorize(_files("anyone", "delete", "notes/a"))  # type: ignore[arg-type]
+
+
 def test_default_deny_allows_only_what_a_rule_permits(tmp_path: Path) -> None:
     cedar = (
         '@id("readers") @description("anyone may read")\n'
