@@ -275,12 +275,16 @@ class ActionClient:
                 parsed.append(self.validate(action))
             except InvalidAction as exc:
                 raise InvalidAction(exc.errors, index=index) from None
-        messages = [a.model_dump(mode="json", by_alias=True) for a in parsed]
+        return self.send_many(parsed)
+
+    def send_many(self, actions: list[Action]) -> list[ActionHandle]:
+        """Enqueue actions ``validate`` returned, signed as one batch: one Merkle tree and
+        one signature per 256 actions, not one per action (``producer.auth.sign_many``)."""
+        messages = [a.model_dump(mode="json", by_alias=True) for a in actions]
         if self.key is not None:
-            # One signature per batch tree, not per action (producer.auth.sign_many).
             messages = self.key.sign_many(messages)
         with self._app.producer_or_acquire():
-            return [self.send(a, m) for a, m in zip(parsed, messages, strict=True)]
+            return [self.send(a, m) for a, m in zip(actions, messages, strict=True)]
 
     def stored_results(self, handles: Sequence[ActionHandle]) -> list[dict[str, Any] | None]:
         """The stored result (JSON, as the worker wrote it) of each handle, or None where
