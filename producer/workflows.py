@@ -56,7 +56,8 @@ START_TASK = "actionfleet.workflow"  # the engine's task for a producer's messag
 REF_KEY = "$ref"
 MAX_STEPS = 50
 # running -> succeeded | compensating -> failed | cancelled | timed_out (after compensation)
-TERMINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out")
+# refused: the fleet would not start it (bad signature, key or scope); nothing ran.
+TERMINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "refused")
 WORKFLOW_STATES = ("running", "compensating", *TERMINAL_STATES)
 StepId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
 _REF = re.compile(r"^steps\.([A-Za-z][A-Za-z0-9_-]{0,63})\.(status|output|error)(\.[^.]+)*$")

@@ -20,6 +20,7 @@ import redis
 
 from audit.ingester import Ingester
 from audit.store import ClientReader
+from producer.auth import ProducerKey
 from producer.client import ActionClient
 from producer.workflows import WorkflowSpec, ref, step_action_id, submit_workflow
 from tests.audit_fixtures import chdb_available, drain
@@ -130,6 +131,13 @@ def _result(client: ActionClient, spec: WorkflowSpec, step: str, phase: str = "r
 
     task = task_id_for(spec.tenant_id, step_action_id(spec.workflow_id, step, phase))
     return client.async_result(task).get(timeout=30)
+
+
+def _result_or_none(client: ActionClient, spec: WorkflowSpec, step: str) -> Any:
+    from producer.transport import task_id_for
+
+    task = task_id_for(spec.tenant_id, step_action_id(spec.workflow_id, step, "run"))
+    return client.async_result(task).backend.get_task_meta(task, cache=False).get("result")
 
 
 def test_four_steps_succeed_with_refs_and_every_step_audited(fleet: dict[str, Any]) -> None:
@@ -256,6 +264,21 @@ def test_a_step_message_without_the_engines_grant_is_refused(fleet: dict[str, An
     assert result.status == "denied" and result.error is not None
     assert result.error.type == "unauthenticated" and "grant" in result.error.message
     assert not list((Path(fleet["home"]) / "ws").rglob(path))
+
+
+def test_a_workflow_the_fleet_refuses_says_why_and_runs_nothing(fleet: dict[str, Any]) -> None:
+    """Signed by a key this fleet never made: the producer waiting on it hears ``refused``
+    with the reason at once, and no step runs."""
+    url = fleet["url"]
+    stranger = ActionClient(url, settings=Settings(broker_url=url), key=ProducerKey.generate())
+    spec = _spec()
+    try:
+        status = submit_workflow(stranger, spec).wait(120)
+    finally:
+        stranger.close()
+    assert status["status"] == "refused" and "unknown" in status["reason"], status
+    assert status["steps"] == []
+    assert _result_or_none(fleet["client"], spec, "write") is None
 
 
 def test_the_workflow_file_runs_from_the_command_line(

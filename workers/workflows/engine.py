@@ -86,6 +86,34 @@ class Engine:
                 self._start(message)
         except Refused as exc:
             log.warning("workflow message refused: %s", exc)
+            if message.get("op") != "cancel":
+                self._refuse(message, str(exc))
+
+    def _refuse(self, message: dict[str, Any], reason: str) -> None:
+        """Tell the producer waiting on it why its workflow will not run. Only where the
+        workflow has no state and no status yet (SET NX): a forged message can neither
+        overwrite a real workflow's status nor keep a real one from starting (its start
+        writes its own status over this one)."""
+        try:
+            spec = WorkflowSpec.model_validate(message.get("workflow"))
+        except ValidationError:
+            return  # no workflow id to answer under
+        if self.store.load(spec.workflow_id) is not None:
+            return
+        now = _iso(time.time())
+        status = {
+            "workflow_id": spec.workflow_id,
+            "name": spec.name,
+            "tenant_id": spec.tenant_id,
+            "agent_id": spec.agent_id,
+            "key_id": None,
+            "status": "refused",
+            "reason": reason,
+            "created_at": now,
+            "finished_at": now,
+            "steps": [],
+        }
+        self._announce(spec.tenant_id, spec.workflow_id, status, final=True, only_new=True)
 
     def _verify(self, message: dict[str, Any], tenant: str, agent: str, prims: set[str]) -> str:
         """The key id the message was signed with (``""`` with auth off)."""
@@ -362,24 +390,34 @@ class Engine:
         }
 
     def _publish(self, state: WorkflowState) -> None:
-        """The status under the workflow's own result key (a producer's Redis user may
-        read its tenant's), announced on its channel: ready (``SUCCESS``) once terminal."""
         spec = state.spec
-        task_id = task_id_for(spec.tenant_id, spec.workflow_id)
+        final = state.status in TERMINAL
+        self._announce(spec.tenant_id, spec.workflow_id, self.status(state), final=final)
+
+    def _announce(
+        self,
+        tenant_id: str,
+        workflow_id: str,
+        status: dict[str, Any],
+        *,
+        final: bool,
+        only_new: bool = False,
+    ) -> None:
+        """The status under the workflow's own result key (a producer's Redis user may
+        read its tenant's), announced on its channel: ready (``SUCCESS``) once final.
+        ``only_new``: not over a status already there."""
+        task_id = task_id_for(tenant_id, workflow_id)
         meta = {
-            "status": states.SUCCESS if state.status in TERMINAL else states.STARTED,
-            "result": self.status(state),
+            "status": states.SUCCESS if final else states.STARTED,
+            "result": status,
             "traceback": None,
             "children": [],
             "date_done": _iso(time.time()),
             "task_id": task_id,
         }
-        key = f"{RESULT_KEY_PREFIX}{task_id}"
-        body = json.dumps(meta)
-        pipe = self.client.pipeline()
-        pipe.set(key, body, ex=self.result_expires_s)
-        pipe.publish(key, body)
-        pipe.execute()
+        key, body = f"{RESULT_KEY_PREFIX}{task_id}", json.dumps(meta)
+        if self.client.set(key, body, ex=self.result_expires_s, nx=only_new):
+            self.client.publish(key, body)
 
 
 def _pending(state: WorkflowState, step: str) -> str:
