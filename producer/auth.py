@@ -42,6 +42,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -204,8 +205,13 @@ class ProducerKey:
         """The string to hand to the producer (shown once, never stored by the fleet)."""
         return f"{KEY_PREFIX}_{self.key_id}_{_b64(self._seed)}"
 
-    def _private(self) -> Ed25519PrivateKey:
+    @cached_property
+    def _signer(self) -> Ed25519PrivateKey:
+        # Made once: loading the key costs about as much as a signature.
         return Ed25519PrivateKey.from_private_bytes(self._seed)
+
+    def _private(self) -> Ed25519PrivateKey:
+        return self._signer
 
     def public_key_b64(self) -> str:
         raw = self._private().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
