@@ -24,6 +24,7 @@ from tests.workers.governance.test_rules_fleet import wait_audit
 from workers.governance.approvals import ApprovalStore
 from workers.governance.approvers import ApproverStore
 from workers.governance.http import ApprovalsServer
+from workers.ops.fleet import free_port
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("tripwire")]
 
@@ -198,3 +199,80 @@ def test_webhook_announces_each_request(gov_fleet: GovFleet) -> None:
     assert "auth" not in body["message"]
     gov_fleet.cli("approvals", "deny", approval_id, "--reason", "cleanup")
     assert handle.result(timeout=90, final=True).status == "denied"
+
+
+def test_approver_tokens_from_the_command_line_and_the_served_endpoint(
+    gov_fleet: GovFleet,
+) -> None:
+    """``approvals approver add|list|remove`` and ``approvals serve`` as an operator runs
+    them: the token is printed once and never listed, it opens the served endpoint, and
+    after ``remove`` it no longer does."""
+    code, made = gov_fleet.cli_json("approvals", "approver", "add", "gina", "--tenants", "acme")
+    assert code == 0 and made["name"] == "gina" and made["token"], made
+    token = made["token"]
+    code, listed = gov_fleet.cli_json("approvals", "approver", "list")
+    assert code == 0 and "gina" in [a["name"] for a in listed]
+    assert token not in json.dumps(listed)  # the fleet keeps only a hash
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "workers.ops.cli", "approvals", "serve", "--http",
+         f"127.0.0.1:{port}"],
+        env=gov_fleet.env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/approvals"
+    try:
+
+        def answers() -> bool:
+            try:
+                return _http(base, None)[0] == 401
+            except OSError:
+                return False
+
+        wait_for(answers, 30, "the approvals endpoint")
+        handle, approval_id = park(gov_fleet)
+        status, body = _http(base, token)
+        assert status == 200 and approval_id in [a["id"] for a in body["approvals"]], body
+        code, removed = gov_fleet.cli_json("approvals", "approver", "remove", "gina")
+        assert code == 0 and removed["tokens_removed"], removed
+        assert _http(base, token)[0] == 401
+        assert _http(f"{base}/{approval_id}/approve", token, {"reason": "x"})[0] == 401
+        # Still awaiting: nobody with a valid token decided it.
+        assert handle.result(timeout=30).status == "awaiting_approval"
+    finally:
+        server.terminate()
+        server.wait(15)
+    code, _ = gov_fleet.cli_json("approvals", "approver", "remove", "gina")
+    assert code != 0  # nothing left to remove
+
+
+def test_submit_final_waits_past_the_approval_for_the_decided_run(gov_fleet: GovFleet) -> None:
+    """``actionfleet submit --final``: the agent's command waits through
+    ``awaiting_approval`` and prints the decided run's result."""
+    action = parked_code()
+    env = gov_fleet.env() | {"ACTIONFLEET_KEY": gov_fleet.key.secret()}
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "submit", json.dumps(action), "--final",
+         "--timeout", "120"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    approval_id = f"acme+{action['action_id']}"
+    try:
+        wait_for(
+            lambda: gov_fleet.cli("approvals", "show", approval_id).returncode == 0,
+            60,
+            "the action to be parked",
+        )
+        assert submit.poll() is None  # still waiting: parked is not final
+        code, _ = gov_fleet.cli_json(
+            "approvals", "approve", approval_id, "--reason", "ship it", "--as", "hana"
+        )
+        assert code == 0
+        out, err = submit.communicate(timeout=150)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0, err
+    result = json.loads(out)
+    assert result["status"] == "succeeded" and result["action_id"] == action["action_id"]
+    assert run_count(gov_fleet, action["action_id"]) == 1
