@@ -20,7 +20,7 @@ from producer.client import ActionHandle
 from tests.conftest import ROOT
 from tests.governance_fixtures import GovFleet
 from tests.reliability_fixtures import runs, wait_for
-from tests.workers.governance.test_rules_fleet import wait_audit
+from tests.workers.governance.test_rules_fleet import email, wait_audit
 from workers.governance.approvals import ApprovalStore
 from workers.governance.approvers import ApproverStore
 from workers.governance.http import ApprovalsServer
@@ -276,3 +276,24 @@ def test_submit_final_waits_past_the_approval_for_the_decided_run(gov_fleet: Gov
     result = json.loads(out)
     assert result["status"] == "succeeded" and result["action_id"] == action["action_id"]
     assert run_count(gov_fleet, action["action_id"]) == 1
+
+
+def test_an_approved_external_email_is_delivered_once(gov_fleet: GovFleet) -> None:
+    """The issue's example rule end to end: mail outside acme.com waits for a human, and
+    once approved reaches the (loopback) SMTP server exactly once."""
+    subject = f"approved-{uuid.uuid4().hex}"
+    action = email("mailer", "a@acme.com", "x@partner.org")
+    action["payload"] = dict(action["payload"], subject=subject)
+    handle, approval_id = park(gov_fleet, action)
+
+    def delivered() -> list[Any]:
+        return [m for m in gov_fleet.smtp.received if subject.encode() in m.data]
+
+    assert delivered() == []  # parked: nothing was sent
+    code, _ = gov_fleet.cli_json(
+        "approvals", "approve", approval_id, "--reason", "partner asked", "--as", "ivan"
+    )
+    assert code == 0
+    result = handle.result(timeout=90, final=True)
+    assert result.status == "succeeded", result
+    assert [m.rcpt_tos for m in delivered()] == [["a@acme.com", "x@partner.org"]]
