@@ -22,7 +22,14 @@ from audit.ingester import Ingester
 from audit.store import ClientReader
 from producer.auth import ProducerKey
 from producer.client import ActionClient
-from producer.workflows import WorkflowSpec, ref, step_action_id, submit_workflow
+from producer.workflows import (
+    WorkflowHandle,
+    WorkflowSpec,
+    cancel_workflow,
+    ref,
+    step_action_id,
+    submit_workflow,
+)
 from tests.audit_fixtures import chdb_available, drain
 from tests.conftest import RedisServer, Worker, start_worker
 from tests.reliability_fixtures import fresh_url
@@ -171,6 +178,42 @@ def test_a_failing_step_runs_the_compensations_newest_first(fleet: dict[str, Any
     assert undo_out["finished_at"] < undo_in["started_at"]  # reverse order, one at a time
     ws = Path(fleet["home"]) / "ws"
     assert not list(ws.rglob("wf/in.txt")) and not list(ws.rglob("wf/out.txt"))
+
+
+def _while_processing(client: ActionClient, spec: WorkflowSpec) -> WorkflowHandle:
+    """Start ``spec`` and return once its code step (which sleeps) is running."""
+    handle = submit_workflow(client, spec)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = handle.status()
+        steps = {s["id"]: s for s in (status or {}).get("steps", [])}
+        if steps.get("process", {}).get("status") == "running":
+            return handle
+        time.sleep(0.2)
+    raise AssertionError(f"step 2 never ran: {handle.status()}")
+
+
+def test_a_cancelled_workflow_stops_and_undoes_what_it_did(fleet: dict[str, Any]) -> None:
+    client: ActionClient = fleet["client"]
+    spec = _spec(sleep_s=8)
+    handle = _while_processing(client, spec)
+    cancel_workflow(client, TENANT, spec.workflow_id)
+    final = handle.wait(180)
+    assert final["status"] == "cancelled", final
+    steps = {s["id"]: s for s in final["steps"]}
+    assert steps["read"]["status"] == "pending" and steps["mail"]["status"] == "pending"
+    assert steps["write"]["compensation"]["status"] == "succeeded", steps
+    assert not list((Path(fleet["home"]) / "ws").rglob("wf/in.txt"))
+
+
+def test_a_workflow_past_its_deadline_times_out_and_compensates(fleet: dict[str, Any]) -> None:
+    client: ActionClient = fleet["client"]
+    spec = _spec(sleep_s=8).model_copy(update={"deadline_s": 3.0})
+    final = _wait(client, spec, timeout=180)
+    assert final["status"] == "timed_out" and "deadline" in final["reason"], final
+    steps = {s["id"]: s for s in final["steps"]}
+    assert steps["mail"]["status"] == "pending"
+    assert steps["write"]["compensation"]["status"] == "succeeded", steps
 
 
 def test_code_worker_killed_during_step_two_resumes_without_repeating_step_one(
