@@ -188,7 +188,10 @@ def test_a_worker_settles_in_the_results_transaction(
         assert scripts[_sha(ADMIT)] == 1, commands
         assert scripts[_sha(SETTLE)] == 0, commands  # no settle round trip of its own
         assert scripts[_sha(_combined((Rider(SETTLE, (), ()),)))] == 1, commands
-        assert not _in_transactions(commands, "EVAL"), commands
+        # The fleet's own scripts; kombu refreshes its pidbox binding with a script in a
+        # MULTI of its own now and then (``_kombu.binding*`` keys), which is not ours.
+        ours = [c for c in _in_transactions(commands, "EVAL") if "_kombu.binding" not in c]
+        assert not ours, commands
         assert not [c for c in commands if c.startswith("EVAL ")], commands
         record = json.loads(r.get(IdempotencyStore.key("ride", action.idempotency_key or "")))
         assert record["s"] == "c" and json.loads(record["r"])["status"] == "succeeded"
