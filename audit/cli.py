@@ -20,14 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from audit.config import DEAD_STREAM, AuditSettings, audit_settings
+from producer.cli_io import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from producer.cli_io import eprint as _eprint
 
 __all__ = ["add_audit_parser", "add_ingest_arguments", "cmd_audit", "ingester_from_args"]
-
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
-
-
-def _eprint(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _settings(args: argparse.Namespace) -> AuditSettings:

@@ -20,19 +20,16 @@ from producer.batch import (
     BatchRunner,
     BatchSummary,
 )
+from producer.cli_io import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
+from producer.cli_io import eprint as _eprint
 from producer.errors import FleetUnavailable, InvalidAction
 from producer.journal import Checkpoint, Journal, JournalState, scan_input
 
 __all__ = ["add_batch_parser", "cmd_batch"]
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Write-ahead: one journal record (and fsync) per this many input lines sent.
 SEND_AHEAD = 256
 CHECKPOINT_S = 1.0  # how often the output is fsynced and a checkpoint written
-
-
-def _eprint(*args: Any) -> None:
-    print(*args, file=sys.stderr, flush=True)
 
 
 def add_batch_parser(sub: Any) -> None:

@@ -21,22 +21,19 @@ from typing import Any
 
 from producer.batch import local_result
 from producer.batch_cli import add_batch_parser
+from producer.cli_io import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from producer.cli_io import eprint as _eprint
 from producer.errors import ActionFleetError, InvalidAction, ResultTimeout
 from producer.workflow_cli import add_workflow_parser
 
 __all__ = ["AGENT_COMMANDS", "PLUGIN_GROUP", "Registrar", "build_parser", "main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 # Commands served by this module alone: running one never loads a plugin.
 AGENT_COMMANDS = frozenset({"submit", "batch", "schema", "tools", "workflow"})
 # Entry-point group through which the worker side adds its commands.
 PLUGIN_GROUP = "actionfleet.commands"
 # Adds subcommands to the ``actionfleet`` parser's subparsers.
 Registrar = Callable[[Any], None]
-
-
-def _eprint(*args: Any) -> None:
-    print(*args, file=sys.stderr, flush=True)
 
 
 def _dump(obj: Any) -> str:

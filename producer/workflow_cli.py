@@ -7,13 +7,14 @@ which a producer's Redis user may read for its own tenant."""
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from producer.cli_io import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from producer.cli_io import eprint as _eprint
+from producer.cli_io import print_json as _print
 from producer.errors import ResultTimeout
 from producer.workflows import (
     WorkflowHandle,
@@ -23,12 +24,6 @@ from producer.workflows import (
 )
 
 __all__ = ["add_workflow_parser"]
-
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
-
-
-def _eprint(*args: Any) -> None:
-    print(*args, file=sys.stderr, flush=True)
 
 
 def add_workflow_parser(sub: Any) -> None:
@@ -63,10 +58,6 @@ def add_workflow_parser(sub: Any) -> None:
     cancel.add_argument("workflow_id")
     cancel.add_argument("--tenant", required=True, help="the workflow's tenant")
     cancel.set_defaults(func=cmd_workflow_cancel)
-
-
-def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2))
 
 
 def cmd_workflow_run(args: argparse.Namespace) -> int:

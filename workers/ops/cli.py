@@ -17,8 +17,9 @@ import sys
 from typing import Any
 
 from audit.cli import add_audit_parser
-from producer.cli import EXIT_FAILED, EXIT_INVALID, EXIT_OK
 from producer.cli import main as cli_main
+from producer.cli_io import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from producer.cli_io import eprint as _eprint
 from producer.errors import ActionFleetError, FleetUnavailable
 from workers.config import get_settings
 from workers.ops.dead import add_dead_parser
@@ -31,10 +32,6 @@ __all__ = ["WORKER_POOLS", "add_commands", "main"]
 # Celery pools the worker is built and tested for (threads/gevent would share one
 # pipeline between concurrent actions).
 WORKER_POOLS = ("prefork", "solo")
-
-
-def _eprint(*args: Any) -> None:
-    print(*args, file=sys.stderr, flush=True)
 
 
 def _dump(obj: Any) -> str:

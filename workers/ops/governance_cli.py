@@ -17,21 +17,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from producer.cli import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from producer.cli_io import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from producer.cli_io import eprint as _eprint
+from producer.cli_io import print_json as _print
 from producer.errors import FleetUnavailable
 from workers.config import get_settings
 
 __all__ = ["EXIT_APPROVAL", "add_governance_parsers"]
 
 EXIT_APPROVAL = 3  # policy check: the action would wait for a human's approval
-
-
-def _eprint(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
 
 
 def _read(arg: str) -> str:

@@ -8,11 +8,11 @@ keeps its public key (``workers.auth.keys``). The commands reach the fleet's Red
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from typing import Any
 
+from producer.cli_io import print_json as _print
 from producer.errors import FleetUnavailable
 from producer.models import PRIMITIVES
 from workers.config import get_settings
@@ -43,10 +43,6 @@ def _store() -> Any:
             "or start a fleet with `actionfleet up` in this home"
         )
     return KeyStore(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5))
-
-
-def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
 
 
 def _shown_once(secret: str) -> None:

@@ -15,10 +15,7 @@ import threading
 from typing import Any
 
 __all__ = ["add_ops_parser"]
-
-
-def _eprint(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from producer.cli_io import eprint as _eprint
 
 
 def _broker_url() -> str | None:
