@@ -66,7 +66,7 @@ def fleet(
         worker.stop()
 
 
-def _spec(read_path: str = "out.txt", sleep_s: float = 0.0) -> WorkflowSpec:
+def _spec(read_path: str = "out.txt", sleep_s: float = 0.0, timeout_s: int = 20) -> WorkflowSpec:
     wid = str(uuid.uuid4())
     source = (
         f"import time; time.sleep({sleep_s})\n"
@@ -97,7 +97,12 @@ def _spec(read_path: str = "out.txt", sleep_s: float = 0.0) -> WorkflowSpec:
                     "id": "process",
                     "action": {
                         "primitive": "code",
-                        "payload": {"language": "python", "source": source, "workspace": "rw"},
+                        "payload": {
+                            "language": "python",
+                            "source": source,
+                            "workspace": "rw",
+                            "timeout_s": timeout_s,
+                        },
                     },
                     "compensate": {
                         "primitive": "files",
@@ -195,7 +200,9 @@ def _while_processing(client: ActionClient, spec: WorkflowSpec) -> WorkflowHandl
 
 def test_a_cancelled_workflow_stops_and_undoes_what_it_did(fleet: dict[str, Any]) -> None:
     client: ActionClient = fleet["client"]
-    spec = _spec(sleep_s=8)
+    # The step sleeps long enough that the cancel lands while it runs, however slow the
+    # machine (the engine waits for a step still out before it compensates).
+    spec = _spec(sleep_s=25, timeout_s=60)
     handle = _while_processing(client, spec)
     cancel_workflow(client, TENANT, spec.workflow_id)
     final = handle.wait(180)
