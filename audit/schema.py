@@ -208,27 +208,28 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.action_results_mv TO {DATABASE
 AS {_results_select(_RESULT_COLUMNS_V1)}
 """
 
+
+def _added_to_both(column: str, result_columns: list[str]) -> tuple[str, ...]:
+    """A column added to both tables, and the results view made again with
+    ``result_columns`` (the columns known at that migration's version)."""
+    return (
+        f"ALTER TABLE {DATABASE}.audit_events ADD COLUMN IF NOT EXISTS {column}",
+        f"ALTER TABLE {DATABASE}.action_results ADD COLUMN IF NOT EXISTS {column}",
+        f"DROP VIEW IF EXISTS {DATABASE}.action_results_mv",
+        f"""CREATE MATERIALIZED VIEW {DATABASE}.action_results_mv TO {DATABASE}.action_results
+AS {_results_select(result_columns)}""",
+    )
+
+
 # v2: the producer key of each action (authenticated producers, docs/security.md). The
 # view is made again with the column; the ingester runs this before it inserts anything.
 _KEY_ID = f"key_id {_LC} DEFAULT '' AFTER agent_id"
-_V2 = (
-    f"ALTER TABLE {DATABASE}.audit_events ADD COLUMN IF NOT EXISTS {_KEY_ID}",
-    f"ALTER TABLE {DATABASE}.action_results ADD COLUMN IF NOT EXISTS {_KEY_ID}",
-    f"DROP VIEW IF EXISTS {DATABASE}.action_results_mv",
-    f"""CREATE MATERIALIZED VIEW {DATABASE}.action_results_mv TO {DATABASE}.action_results
-AS {_results_select(_RESULT_COLUMNS_V2)}""",
-)
+_V2 = _added_to_both(_KEY_ID, _RESULT_COLUMNS_V2)
 
 # v3: how many requests the egress guard refused during the action (a browse page's
 # dropped third-party sub-resources, docs/browse.md). The view is made again with it.
 _BLOCKED = "blocked_requests UInt32 DEFAULT 0 CODEC(T64, ZSTD(1)) AFTER bytes_out"
-_V3 = (
-    f"ALTER TABLE {DATABASE}.audit_events ADD COLUMN IF NOT EXISTS {_BLOCKED}",
-    f"ALTER TABLE {DATABASE}.action_results ADD COLUMN IF NOT EXISTS {_BLOCKED}",
-    f"DROP VIEW IF EXISTS {DATABASE}.action_results_mv",
-    f"""CREATE MATERIALIZED VIEW {DATABASE}.action_results_mv TO {DATABASE}.action_results
-AS {_results_select(_RESULT_COLUMNS_V3)}""",
-)
+_V3 = _added_to_both(_BLOCKED, _RESULT_COLUMNS_V3)
 
 
 # v4: governance (docs/policy.md): the rule behind each policy decision, and the approver
