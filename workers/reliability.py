@@ -61,7 +61,7 @@ from workers.policy import Grant
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Deferred", "Duplicate", "Reliability", "Reschedule", "RetryState"]
+__all__ = ["Deferred", "Duplicate", "Reliability", "Reschedule", "RetryState", "guarantees_client"]
 
 _json = json.JSONEncoder(separators=(",", ":")).encode  # built once, not per action
 
@@ -141,6 +141,18 @@ def state_of(ctx: ActionContext) -> RetryState:
     return state
 
 
+def guarantees_client(settings: Settings, broker_url: str) -> redis.Redis:
+    """The Redis of the fleet's guarantees (limits, idempotency, leases, workflow state):
+    ``limits_redis_url``, else the broker's; short timeouts, so a lost Redis fails fast."""
+    return redis.Redis.from_url(
+        settings.limits_redis_url or broker_url,
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        health_check_interval=10,
+        retry_on_timeout=True,
+    )
+
+
 class Reliability:
     def __init__(
         self,
@@ -169,13 +181,7 @@ class Reliability:
 
     @classmethod
     def from_settings(cls, settings: Settings, broker_url: str) -> Reliability:
-        client = redis.Redis.from_url(
-            settings.limits_redis_url or broker_url,
-            socket_timeout=5,
-            socket_connect_timeout=5,
-            health_check_interval=10,
-            retry_on_timeout=True,
-        )
+        client = guarantees_client(settings, broker_url)
         return cls(
             client,
             lease_s=settings.lease_s,

@@ -7,11 +7,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import redis
 from celery import Celery
 
 from producer.workflows import WORKFLOW_QUEUE
 from workers.config import Settings
+from workers.reliability import guarantees_client
 from workers.workflows.engine import ADVANCE_TASK, START_TASK, Engine
 
 __all__ = ["register_workflow_tasks"]
@@ -24,13 +24,7 @@ def register_workflow_tasks(app: Celery, settings: Settings, broker_url: str) ->
     def get() -> Engine:
         with lock:  # one per process, built after the fork
             if not engine:
-                client = redis.Redis.from_url(
-                    settings.limits_redis_url or broker_url,
-                    socket_timeout=5,
-                    socket_connect_timeout=5,
-                    health_check_interval=10,
-                    retry_on_timeout=True,
-                )
+                client = guarantees_client(settings, broker_url)
                 engine.append(
                     Engine(
                         app,
