@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import ROOT, celery_worker, pct, redis_server
+from _common import ROOT, celery_worker, pct, redis_server, tree_cpu_s
 
 POLICY = """
 version: 1
@@ -95,7 +95,9 @@ def main() -> None:
                     action = action_for("files", STAT, tenant_id="bench", agent_id="bench")
                     assert client.run(action, timeout=60).status == "succeeded"
 
-                async def mcp_session(calls: int, lat: list[float]) -> None:
+                async def mcp_session(
+                    calls: int, lat: list[float], pings: list[float] | None = None
+                ) -> None:
                     headers = {"Authorization": f"Bearer {key.secret()}"}
                     async with (
                         httpx2.AsyncClient(headers=headers, timeout=60) as http,
@@ -103,6 +105,10 @@ def main() -> None:
                         ClientSession(read, write_) as s,
                     ):
                         await s.initialize()
+                        for _ in range(calls if pings is not None else 0):
+                            t = time.perf_counter()
+                            await s.send_ping()
+                            pings.append(time.perf_counter() - t)  # type: ignore[union-attr]
                         for _ in range(calls):
                             t = time.perf_counter()
                             r = await s.call_tool("files", STAT)
@@ -111,13 +117,22 @@ def main() -> None:
 
                 lat_direct: list[float] = []
                 lat_mcp: list[float] = []
+                lat_ping: list[float] = []  # the SDK's own floor: a ping, no action
+                # CPU seconds of this process (the caller) and of the MCP server, per subject.
+                cpu = {"direct": [0.0, 0.0], "mcp": [0.0, 0.0]}
                 per_round = max(1, args.n // args.rounds)
                 for _ in range(args.rounds):
+                    c0 = time.process_time()
                     for _ in range(per_round):
                         t = time.perf_counter()
                         direct()
                         lat_direct.append(time.perf_counter() - t)
+                    cpu["direct"][0] += time.process_time() - c0
+                    asyncio.run(mcp_session(per_round, [], lat_ping))
+                    c0, s0 = time.process_time(), tree_cpu_s(server.pid)
                     asyncio.run(mcp_session(per_round, lat_mcp))
+                    cpu["mcp"][0] += time.process_time() - c0
+                    cpu["mcp"][1] += tree_cpu_s(server.pid) - s0
 
                 c = args.concurrency
                 t = time.perf_counter()
@@ -140,10 +155,16 @@ def main() -> None:
     p50d, p50m = statistics.median(lat_direct) * 1000, statistics.median(lat_mcp) * 1000
     print(f"mcp overhead: files stat, {args.n} calls per measurement, {args.rounds} rounds")
     print(f"{'subject':<26} {'p50 ms':>7} {'p90 ms':>7} {'actions/s (c=' + str(c) + ')':>18}")
-    print(f"{'ActionClient.run':<26} {p50d:>7.1f} {pct(lat_direct, 90) * 1000:>7.1f} "
+    print(f"{'ActionClient.run':<26} {p50d:>7.1f} {pct(lat_direct, 0.9) * 1000:>7.1f} "
           f"{rate_direct:>18.0f}")  # fmt: skip
-    print(f"{'MCP tools/call (HTTP)':<26} {p50m:>7.1f} {pct(lat_mcp, 90) * 1000:>7.1f} "
+    print(f"{'MCP tools/call (HTTP)':<26} {p50m:>7.1f} {pct(lat_mcp, 0.9) * 1000:>7.1f} "
           f"{rate_mcp:>18.0f}")  # fmt: skip
+    print(f"{'MCP ping (HTTP, no action)':<26} {statistics.median(lat_ping) * 1000:>7.1f} "
+          f"{pct(lat_ping, 0.9) * 1000:>7.1f}")  # fmt: skip
+    calls = per_round * args.rounds
+    for name, (mine, served) in cpu.items():
+        print(f"CPU ms/call, {name}: caller {mine / calls * 1000:.2f}, "
+              f"MCP server {served / calls * 1000:.2f}")  # fmt: skip
     print(f"ratios: p50 {p50m / p50d:.2f}x (target <= 1.5), throughput "
           f"{rate_mcp / rate_direct:.2f} (target >= 0.70)")  # fmt: skip
 

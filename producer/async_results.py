@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 from collections.abc import Callable
@@ -64,9 +65,9 @@ class ResultWaiter:
     ) -> dict[str, Any] | None:
         """The task's result meta (``status``, ``result``…) once its state is one of
         ``until`` (by default a final one); None when ``timeout`` seconds pass first.
-        ``start`` is called once the subscription is in place: sending the action there
-        means its result cannot be published unseen, and the subscription's round trip
-        is not added to the wait."""
+        ``start`` (a function, or a coroutine function) is called once the subscription
+        is in place: sending the action there means its result cannot be published
+        unseen, and the subscription's round trip is not added to the wait."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         channel = RESULT_PREFIX + task_id
@@ -78,7 +79,9 @@ class ResultWaiter:
             if first:
                 await self._subscribe(channel)
             if start is not None:
-                start()
+                started = start()
+                if inspect.isawaitable(started):
+                    await started
             while True:
                 meta = _meta(await self._client.get(channel))
                 if meta is not None and meta.get("status") in until:

@@ -18,6 +18,7 @@ from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
+from redis import RedisError
 
 from producer.async_results import READY, ResultWaiter
 from producer.auth import ProducerKey
@@ -25,6 +26,7 @@ from producer.batch import DEFAULT_WINDOW, BatchRunner
 from producer.config import ProducerSettings, producer_settings, with_credentials
 from producer.errors import FleetUnavailable, InvalidAction, ResultTimeout, UnsupportedPrimitive
 from producer.models import Action, ActionResult, queue_for, task_name_for
+from producer.publish import Outgoing, RedisPublisher, redis_url
 from producer.transport import (
     AWAITING_APPROVAL_STATE,
     LazyWatchRedisBackend,
@@ -38,6 +40,7 @@ from producer.validation import parse_action
 READY_STATES = states.READY_STATES
 _POLL_S = 5.0  # how often a long wait double-checks the stored result
 _FIRST_POLL_S = 0.5
+_PUBLISH_SLICE = 512  # messages per pipelined round trip
 
 
 class _Parked(Exception):
@@ -226,6 +229,9 @@ class ActionClient:
         )
         if urlsplit(self._app.conf.result_backend).scheme in ("redis", "rediss"):
             self._app.backend_cls = LazyWatchRedisBackend
+        # Straight to the Redis lists (producer/publish.py); another broker goes through
+        # Celery's send_task.
+        self._publisher = RedisPublisher(self._app, url) if redis_url(url) else None
 
     # -- validation -------------------------------------------------------------------
 
@@ -237,10 +243,47 @@ class ActionClient:
     def send(self, action: Action, message: dict[str, Any] | None = None) -> ActionHandle:
         """Enqueue an action ``validate`` returned (``message``: its signed message, when
         the caller signed it already); returns at once with a handle."""
+        if self._publisher is None:
+            return self._send_task(action, self._signed(action, message))
+        self._publish([self._outgoing(action, self._signed(action, message))])
+        return self.handle_for(action)
+
+    def _signed(self, action: Action, message: dict[str, Any] | None) -> dict[str, Any]:
         if message is None:
             message = action.model_dump(mode="json", by_alias=True)
             if self.key is not None:
                 message = self.key.sign(message)
+        return message
+
+    def _outgoing(self, action: Action, message: dict[str, Any]) -> Outgoing:
+        assert self._publisher is not None
+        return self._publisher.build(
+            task_name_for(action.primitive),
+            queue_for(action.primitive),
+            {"message": message},
+            task_id=task_id_for(action.tenant_id, action.action_id),
+            priority=redis_priority(action.priority),
+            kwargsrepr=kwargs_repr(action.primitive, action.action_id, action.tenant_id),
+        )
+
+    def _publish(self, messages: Sequence[Outgoing]) -> None:
+        assert self._publisher is not None
+        try:
+            self._publisher.publish(messages)
+        except RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    async def _apublish(self, messages: Sequence[Outgoing]) -> None:
+        assert self._publisher is not None
+        try:
+            await self._publisher.apublish(messages)
+        except RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: RedisError) -> FleetUnavailable:
+        return FleetUnavailable(f"broker at {self._safe_url()} did not take the action: {exc}")
+
+    def _send_task(self, action: Action, message: dict[str, Any]) -> ActionHandle:
         try:
             async_result = self._app.send_task(
                 task_name_for(action.primitive),
@@ -283,8 +326,14 @@ class ActionClient:
         messages = [a.model_dump(mode="json", by_alias=True) for a in actions]
         if self.key is not None:
             messages = self.key.sign_many(messages)
-        with self._app.producer_or_acquire():
-            return [self.send(a, m) for a, m in zip(actions, messages, strict=True)]
+        pairs = list(zip(actions, messages, strict=True))
+        if self._publisher is None:
+            with self._app.producer_or_acquire():
+                return [self._send_task(a, m) for a, m in pairs]
+        # One round trip per slice: a pipeline's replies are held until it ends.
+        for start in range(0, len(pairs), _PUBLISH_SLICE):
+            self._publish([self._outgoing(a, m) for a, m in pairs[start : start + _PUBLISH_SLICE]])
+        return [self.handle_for(a) for a in actions]
 
     def stored_results(self, handles: Sequence[ActionHandle]) -> list[dict[str, Any] | None]:
         """The stored result (JSON, as the worker wrote it) of each handle, or None where
@@ -311,6 +360,10 @@ class ActionClient:
         ``task`` to ``queue``: how fleet-owned work (workflows) is handed over."""
         if self.key is not None:
             message = self.key.sign(message)
+        if self._publisher is not None:
+            kwargs = {"message": message}
+            self._publish([self._publisher.build(task, queue, kwargs, task_id=task_id)])
+            return
         try:
             self._app.send_task(
                 task, kwargs={"message": message}, queue=queue, declare=[], task_id=task_id
@@ -349,15 +402,22 @@ class ActionClient:
         """``run`` for asyncio: submit, then wait without blocking the event loop's thread
         (the submission itself is one short Redis write)."""
         parsed = self.validate(action)
-        handles: list[ActionHandle] = []
+        handle = self.handle_for(parsed)
+
+        async def start() -> None:
+            if self._publisher is None:
+                self.send(parsed)
+            else:
+                await self._apublish([self._outgoing(parsed, self._signed(parsed, None))])
+
         # Sent once the result's channel is subscribed: no round trip of its own to wait.
         meta = await self.waiter().wait(
             task_id_for(parsed.tenant_id, parsed.action_id),
             timeout,
             until=_until(final),
-            start=lambda: handles.append(self.send(parsed)),
+            start=start,
         )
-        return handles[0]._awaited(meta, timeout)
+        return handle._awaited(meta, timeout)
 
     def batch(
         self,
@@ -390,6 +450,8 @@ class ActionClient:
         return str(maybe_sanitize_url(self.broker_url))
 
     def close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.close()
         self._app.close()
 
     async def aclose(self) -> None:
@@ -397,6 +459,8 @@ class ActionClient:
         waiter = self._waiters.pop(asyncio.get_running_loop(), None)
         if waiter is not None:
             await waiter.close()
+        if self._publisher is not None:
+            await self._publisher.aclose()
         self.close()
 
     def __enter__(self) -> ActionClient:
