@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -63,15 +64,15 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def run_batch(url: str, src: Path, out: Path, window: int) -> tuple[float, float, dict]:
-    """(actions/s, peak RSS in MB, summary) of one ``actionfleet batch`` process; the
-    peak is the last VmHWM read, every 0.1 s until it exits."""
+def run_batch(url: str, src: Path, out: Path, window: int) -> tuple[float, float, dict, float]:
+    """(actions/s, peak RSS in MB, summary, CPU ms per action) of one ``actionfleet
+    batch`` process; the peak is the last VmHWM read, every 0.1 s until it exits."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACTIONFLEET_")}
     env |= {"ACTIONFLEET_BROKER_URL": url, "PYTHONPATH": str(ROOT)}
     err = out.with_suffix(".stderr")
     argv = [sys.executable, "-m", "producer.cli", "batch", str(src), "--out", str(out)]
     argv += ["--window", str(window), "--no-progress"]
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), _children_cpu_s()
     peak = 0.0
     with err.open("w") as fh:
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=fh)
@@ -79,10 +80,16 @@ def run_batch(url: str, src: Path, out: Path, window: int) -> tuple[float, float
             peak = max(peak, peak_rss_mb(proc.pid) or 0.0)
             time.sleep(0.1)
     elapsed = time.perf_counter() - start
+    cpu = _children_cpu_s() - cpu0  # the batch process is the only child reaped meanwhile
     lines = err.read_text().splitlines()
     summary = json.loads(next(ln for ln in lines if ln.startswith("summary: "))[9:])
     assert proc.returncode == 0 and summary["succeeded"] == summary["total"], lines[-3:]
-    return summary["total"] / elapsed, peak, summary
+    return summary["total"] / elapsed, peak, summary, cpu / summary["total"] * 1000
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -135,28 +142,31 @@ def main() -> None:
                 )
                 r.delete(STREAM)  # the audit events: nobody ingests them here
                 print(f"pair {i + 1}: batch of {args.pair_n} ...", file=sys.stderr)
-                rate, _, _ = run_batch(url, src, home / f"pair-{i}.jsonl", args.window)
+                rate, _, _, cpu = run_batch(url, src, home / f"pair-{i}.jsonl", args.window)
                 r.delete(STREAM)
-                pairs.append((drained, rate))
+                pairs.append((drained, rate, cpu))
 
             rows = []
             for n in (args.small, args.n):
                 src = write_input(home / f"in-{n}.jsonl", n)
                 print(f"batch: {n} actions ...", file=sys.stderr)
-                rate, rss, summary = run_batch(url, src, home / f"out-{n}.jsonl", args.window)
+                rate, rss, summary, cpu = run_batch(url, src, home / f"out-{n}.jsonl", args.window)
                 r.delete(STREAM)
-                rows.append((n, rate, rss, summary["elapsed_s"]))
+                rows.append((n, rate, rss, summary["elapsed_s"], cpu))
         client.close()
 
     print(f"\nfiles stat, worker pool {args.pool} x{args.concurrency}, window {args.window}")
     print(f"pairs of {args.pair_n}: drain/s (submit_many, then consume) vs batch/s (wall)")
-    for drained, rate in pairs:
-        print(f"  drain {drained:8.1f}   batch {rate:8.1f}   ratio {rate / drained:5.2f}")
-    ratios = sorted(rate / drained for drained, rate in pairs)
+    for drained, rate, cpu in pairs:
+        print(
+            f"  drain {drained:8.1f}   batch {rate:8.1f}   ratio {rate / drained:5.2f}"
+            f"   batch CPU {cpu:.3f} ms/action"
+        )
+    ratios = sorted(rate / drained for drained, rate, _ in pairs)
     print(f"median ratio batch/drain: {ratios[len(ratios) // 2]:.2f}")
-    print(f"{'batch n':>10} {'actions/s':>10} {'peak RSS MB':>12} {'run s':>8}")
-    for n, rate, rss, elapsed in rows:
-        print(f"{n:>10} {rate:>10.1f} {rss:>12.1f} {elapsed:>8.1f}")
+    print(f"{'batch n':>10} {'actions/s':>10} {'peak RSS MB':>12} {'run s':>8} {'CPU ms/a':>9}")
+    for n, rate, rss, elapsed, cpu in rows:
+        print(f"{n:>10} {rate:>10.1f} {rss:>12.1f} {elapsed:>8.1f} {cpu:>9.3f}")
     print("targets: batch >= 0.90 x drain; peak RSS <= 200 MB, flat in n")
 
 

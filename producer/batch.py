@@ -201,7 +201,8 @@ POLL_S = 0.02
 PATIENCE_S = 2.0
 SMALL_WINDOW = 32
 SEND_CHUNK = 64  # lines signed and sent together (one Ed25519 signature, producer.auth)
-FETCH_MIN, FETCH_MAX = 16, 512
+FETCH_MIN, FETCH_MAX = 4, 512
+_RATE_MEMORY = 0.8  # weight of the past in the estimated rate of results
 
 
 class BatchRunner:
@@ -241,7 +242,12 @@ class BatchRunner:
         # quarter of the window at most, and one at a time under a rate cap, so each send
         # keeps its own pace and a fresh signature.
         self._chunk_n = 1 if rate else max(1, min(SEND_CHUNK, window // 4))
-        self._fetch_n = FETCH_MIN
+        self._fetch_n = 16
+        # Results found and seconds elapsed, both decayed per read: their ratio is the
+        # recent rate at which results land, which sizes the next read.
+        self._found_recent = 0.0
+        self._time_recent = 0.0
+        self._last_fetch: float | None = None
         self._head: _Slot | None = None
         self._head_since = 0.0
 
@@ -291,22 +297,28 @@ class BatchRunner:
         it has waited a poll interval, or for the oldest one)."""
         head = inflight[0]
         if head.result is None:
-            self._fetch(inflight)
-        if head.result is None:
             now = time.monotonic()
             if self._head is not head:
                 self._head, self._head_since = head, now
             waited = now - self._head_since
             if len(inflight) < SMALL_WINDOW or self.window < SMALL_WINDOW or waited > PATIENCE_S:
-                self._wait(head, waited)
+                self._fetch(inflight)
+                if head.result is None:
+                    self._wait(head, waited)
             else:
-                time.sleep(POLL_S)
+                # At most one read per poll interval: reading sooner finds little.
+                since = POLL_S if self._last_fetch is None else now - self._last_fetch
+                if since < POLL_S:
+                    time.sleep(POLL_S - since)
+                self._fetch(inflight)
         while inflight and inflight[0].result is not None:
             yield self._entry(inflight.popleft())
 
     def _fetch(self, inflight: deque[_Slot]) -> None:
-        """Read the stored results of the oldest ``_fetch_n`` unfinished actions at once;
-        the next read asks for more when they all were in, fewer when few were."""
+        """Read the stored results of the oldest unfinished actions in one round trip:
+        about as many as have likely finished since the last read (each read of a result
+        not yet there is CPU taken from the workers on the same machine), twice as many
+        as last time when every one read was in."""
         pending = []
         for slot in inflight:
             if slot.result is None:
@@ -319,10 +331,17 @@ class BatchRunner:
         ):
             if result is not None:
                 slot.result, found = result, found + 1
+        now = time.monotonic()
+        elapsed = POLL_S if self._last_fetch is None else now - self._last_fetch
+        self._last_fetch = now
+        self._found_recent = self._found_recent * _RATE_MEMORY + found
+        self._time_recent = self._time_recent * _RATE_MEMORY + elapsed
         if found == len(pending):
             self._fetch_n = min(FETCH_MAX, self._fetch_n * 2)
-        elif found * 4 < len(pending):
-            self._fetch_n = max(FETCH_MIN, self._fetch_n // 2)
+        else:
+            # Read again after a poll interval: the results of about that long, and a few.
+            rate = self._found_recent / max(self._time_recent, 1e-3)
+            self._fetch_n = max(FETCH_MIN, min(FETCH_MAX, int(rate * POLL_S * 1.25) + FETCH_MIN))
 
     def _wait(self, slot: _Slot, waited: float) -> None:
         assert slot.handle is not None

@@ -8,9 +8,11 @@ Redis as the key's ACL user, which may publish actions and read its tenant's res
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,6 +31,7 @@ from producer.models import Action, ActionResult, queue_for, task_name_for
 from producer.publish import Outgoing, RedisPublisher, redis_url
 from producer.transport import (
     AWAITING_APPROVAL_STATE,
+    RESULT_KEY_PREFIX,
     LazyWatchRedisBackend,
     celery_conf,
     kwargs_repr,
@@ -75,18 +78,31 @@ def _until(final: bool) -> frozenset[str]:
 class ActionHandle:
     """A submitted action. ``result()`` waits for and returns its ``ActionResult``."""
 
-    def __init__(self, action: Action, async_result: AsyncResult) -> None:
+    def __init__(
+        self, action: Action, async_result: AsyncResult | None = None, *, app: Celery | None = None
+    ) -> None:
+        """``async_result``: Celery's handle on the action's result, or None to make it
+        from ``app`` on first use (a batch of thousands never needs most of them)."""
         self.action = action
         self.action_id = action.action_id
         self.primitive = action.primitive
-        self._async = async_result
+        self.task_id = task_id_for(action.tenant_id, action.action_id)
+        self._given = async_result
+        self._app = app
+
+    @cached_property
+    def _async(self) -> AsyncResult:
+        if self._given is not None:
+            return self._given
+        assert self._app is not None, "ActionHandle needs an AsyncResult or a Celery app"
+        return self._app.AsyncResult(self.task_id)
 
     def ready(self) -> bool:
         return self._async.ready()
 
     def stored(self) -> ActionResult | None:
         """The result already stored for this action, or None (one read, no wait)."""
-        meta = self._async.backend.get_task_meta(self._async.id, cache=False)
+        meta = self._async.backend.get_task_meta(self.task_id, cache=False)
         if meta.get("status") not in READY_STATES:
             return None
         return self._outcome(meta.get("result"), meta.get("status"))
@@ -98,7 +114,7 @@ class ActionHandle:
         once (``result.final`` is False); call again with ``final=True`` (or pass it
         the first time) to wait past it for the decided run's result."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        task_id = self._async.id
+        task_id = self.task_id
 
         def parked(meta: dict[str, Any]) -> None:  # every result message the client hears
             mine = not final and meta.get("task_id") == task_id
@@ -124,7 +140,7 @@ class ActionHandle:
                 # The result is announced over pub/sub; a broker restart can drop that
                 # message, so also read the stored result directly before waiting again.
                 try:
-                    meta = self._async.backend.get_task_meta(self._async.id, cache=False)
+                    meta = self._async.backend.get_task_meta(task_id, cache=False)
                 except Exception:  # the broker is down right now: keep waiting
                     meta = {}
                 if meta.get("status") in READY_STATES:
@@ -144,7 +160,7 @@ class ActionHandle:
         """``result`` for asyncio: waits on ``waiter`` (``ActionClient.waiter()``), no
         thread blocked; ``awaiting_approval`` ends the wait unless ``final``. Raises
         ``ResultTimeout``."""
-        meta = await waiter.wait(self._async.id, timeout, until=_until(final))
+        meta = await waiter.wait(self.task_id, timeout, until=_until(final))
         return self._awaited(meta, timeout)
 
     def _awaited(self, meta: dict[str, Any] | None, timeout: float | None) -> ActionResult:
@@ -338,13 +354,14 @@ class ActionClient:
     def stored_results(self, handles: Sequence[ActionHandle]) -> list[dict[str, Any] | None]:
         """The stored result (JSON, as the worker wrote it) of each handle, or None where
         there is none yet: one round trip for all of them (a pipeline of reads)."""
-        backend = self._app.backend
-        pipe = backend.client.pipeline(transaction=False)
+        pipe = self._app.backend.client.pipeline(transaction=False)
         for handle in handles:
-            pipe.get(backend.get_key_for_task(handle._async.id))
+            pipe.get(RESULT_KEY_PREFIX + handle.task_id)
         out: list[dict[str, Any] | None] = []
         for handle, raw in zip(handles, pipe.execute(), strict=True):
-            meta = backend.decode_result(raw) if raw else None
+            # Plain JSON, as Celery's JSON serializer wrote it (and as the asyncio waiter
+            # reads it): kombu's decoder costs several times more per result.
+            meta = json.loads(raw) if raw else None
             if meta is None or meta.get("status") not in READY_STATES:
                 out.append(None)
                 continue
@@ -378,8 +395,7 @@ class ActionClient:
     def handle_for(self, action: Action) -> ActionHandle:
         """A handle on an action sent earlier (by this or another process): its result
         is kept under the same task id."""
-        task_id = task_id_for(action.tenant_id, action.action_id)
-        return ActionHandle(action, self._app.AsyncResult(task_id))
+        return ActionHandle(action, app=self._app)
 
     def run(
         self, action: Any, timeout: float | None = None, *, final: bool = False

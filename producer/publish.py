@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import uuid
 import weakref
 from bisect import bisect
@@ -25,7 +26,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from celery import Celery
-from kombu.utils.json import dumps as kombu_dumps
+from celery.utils.nodenames import anon_nodename
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -77,6 +78,7 @@ class RedisPublisher:
             socket_timeout=_SOCKET_TIMEOUT_S,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), _RETRIES),
         )
+        self._origin = anon_nodename()  # Celery's "origin" header: this host and process
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
             weakref.WeakKeyDictionary()
         )
@@ -108,6 +110,7 @@ class RedisPublisher:
             argsrepr="()",
             kwargsrepr=kwargsrepr,
             ignore_result=None,  # as send_task when the task does not say
+            origin=self._origin,
         )
         properties.update(
             delivery_mode=_PERSISTENT,
@@ -117,13 +120,14 @@ class RedisPublisher:
             delivery_tag=str(uuid.uuid4()),
         )
         envelope = {
-            "body": base64.b64encode(kombu_dumps(body).encode()).decode(),
+            "body": base64.b64encode(json.dumps(body).encode()).decode(),
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": headers,
             "properties": properties,
         }
-        return Outgoing(_list_for(queue, priority), kombu_dumps(envelope))
+        # The stdlib's JSON, as kombu's writes it for these plain values, at half the cost.
+        return Outgoing(_list_for(queue, priority), json.dumps(envelope))
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         """Push ``messages`` in one round trip (a pipeline, not a transaction: each LPUSH
