@@ -10,8 +10,10 @@ rules per agent pattern, per-path rules on every files operation; 80 of them can
 a files `stat` and are evaluated for each one (the set is sliced per Cedar action when the
 file loads). Workers keep the decisions they made (a decision is a pure function of the
 request and the rules): "drain" sends the same action over and over, as fleet_overhead.py
-does, so after the first it is a cache hit; "drain, uncached" gives every action a label of
-its own, so every one is evaluated by Cedar. Each worker has its own Redis database;
+does, so after the first it is a cache hit; "drain, uncached" sends every action as an agent
+of its own (the rules read the agent's id), so every one is evaluated by Cedar; "drain,
+labels" gives every action a label of its own, which no rule reads, so the first decision
+answers the rest. Each worker has its own Redis database;
 drain and closed loop, alternating pairs, ratios the median of the per-pair ratios.
 Target (issue 22): rules add at most 10 %, i.e. a with-rules/without drain ratio of at
 least 0.90.
@@ -114,9 +116,15 @@ def main() -> None:
         def ruled_all() -> list:
             return with_rules.submit_many([dict(STAT) for _ in range(n)])
 
-        # Every action a request Cedar has not decided yet (a label of its own), so no
-        # decision is answered from the workers' decision cache: the worst case.
+        # Every action a request Cedar has not decided yet (an agent of its own, and the
+        # rules read the agent's id), so no decision is answered from the workers' kept
+        # decisions: the worst case.
         def distinct() -> list[dict]:
+            return [STAT | {"agent_id": f"bench-{i}"} for i in range(n)]
+
+        # Every action a label of its own: no rule reads labels, so the kept decision of
+        # the first answers the rest (decisions are keyed by what the rules read).
+        def labelled() -> list[dict]:
             return [STAT | {"labels": {"n": str(i)}} for i in range(n)]
 
         def plain_distinct() -> list:
@@ -124,6 +132,12 @@ def main() -> None:
 
         def ruled_distinct() -> list:
             return with_rules.submit_many(distinct())
+
+        def plain_labelled() -> list:
+            return without.submit_many(labelled())
+
+        def ruled_labelled() -> list:
+            return with_rules.submit_many(labelled())
 
         with (
             celery_worker(
@@ -152,6 +166,14 @@ def main() -> None:
                         args.repeat,
                         lambda: drain(app0, r0, "actions.files", [w0], True, plain_distinct, ok),
                         lambda: drain(app1, r1, "actions.files", [w1], True, ruled_distinct, ok),
+                    ),
+                ),
+                (
+                    "drain, labels",
+                    *paired(
+                        args.repeat,
+                        lambda: drain(app0, r0, "actions.files", [w0], True, plain_labelled, ok),
+                        lambda: drain(app1, r1, "actions.files", [w1], True, ruled_labelled, ok),
                     ),
                 ),
                 (

@@ -20,14 +20,21 @@ matter under ``default: deny``. Every rule needs ``@id`` (unique) and ``@descrip
 (what a refused agent is told). ``@timeout("30m")`` on an approval rule sets its own
 approval timeout.
 
-One Cedar evaluation per action, on the rules whose action scope can match it (the set is
-sliced per Cedar action when the file loads: exact, since Cedar checks the scope first). A
-rule that fails to evaluate (an error inside its condition) counts as satisfied: a broken
-forbid must not open the fleet.
+One Cedar evaluation per action, on the rules whose scope can match it: the set is sliced
+per Cedar action when the file loads, then per principal (agent, tenant and groups) on
+first use; both exact, since Cedar checks the scope before the conditions. A rule that
+fails to evaluate (an error inside its condition) counts as satisfied: a broken forbid
+must not open the fleet.
+
+Decisions are kept per worker process: a decision is a pure function of what the rules can
+see of a request, so it is keyed by the principal, action and resource, the groups, and
+only the attributes some rule reads (``_Reads``): two emails with other bodies to the same
+recipients, or files actions with other labels when no rule reads labels, share one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import OrderedDict
@@ -60,6 +67,8 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
 _ERROR_POLICY = re.compile(r"policy `?([A-Za-z0-9_]+)`?")
 _DECIDED_MAX = 4096  # decisions kept per worker process (per loaded policy)
+_SLICES_MAX = 1024  # policy sets kept per (action, principal), likewise
+_VARS = ("principal", "resource", "context")
 
 
 class _Strict(BaseModel):
@@ -229,6 +238,60 @@ def _matches_action(scope: Any, action: str) -> bool:
     return any(e.id in names for e in scope.entities)  # ActionIn
 
 
+class _Reads:
+    """What the rules read of a request: per variable, the attribute names read directly
+    (``resource.path``, ``context has labels``), or every attribute when the variable is
+    used any other way (``principal in Group::"g"``, a record holding it: conservative)."""
+
+    def __init__(self, nodes: list[Any]) -> None:
+        self.attrs: dict[str, set[str]] = {v: set() for v in _VARS}
+        self.whole: set[str] = set()
+        # The resource's uid matters only to a rule that scopes or compares it.
+        self.resource_uid = any(not isinstance(n.resource, pst.ScopeAny) for n in nodes)
+        stack: list[Any] = [c.expr for n in nodes for c in n.clauses]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, pst.GetAttr | pst.HasAttr) and isinstance(node.base, pst.Var):
+                name = node.base.name
+                if name in self.attrs:
+                    attr = node.attr if isinstance(node, pst.GetAttr) else node.attrs[0]
+                    self.attrs[name].add(attr)
+                continue
+            if isinstance(node, pst.Var):
+                self.whole.add(node.name)
+            elif isinstance(node, tuple):
+                stack.extend(node)
+            elif isinstance(node, dict):
+                stack.extend(node.values())
+            elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+                stack.extend(getattr(node, f.name) for f in dataclasses.fields(node))
+
+    def pick(self, var: str, values: dict[str, Any]) -> dict[str, Any]:
+        if var in self.whole:
+            return values
+        return {k: values[k] for k in self.attrs[var] if k in values}
+
+
+def _principal_in_scope(scope: Any, principal: str, ancestors: frozenset[tuple[str, str]]) -> bool:
+    """Whether a rule's principal scope can match this agent (its uid, type and parents)."""
+    me = ("Agent", principal)
+    if isinstance(scope, pst.ScopeAny):
+        return True
+    if isinstance(scope, pst.ScopeIs):
+        return scope.entity_type.basename == "Agent"
+    entity = getattr(scope, "entity", None)
+    if not isinstance(entity, pst.EntityUid):
+        return True  # a slot or a node this version does not know: keep the rule
+    uid = (entity.type.basename, entity.id)
+    if isinstance(scope, pst.ScopeEq):
+        return uid == me
+    if isinstance(scope, pst.ScopeIn | pst.ScopeIsIn):
+        if isinstance(scope, pst.ScopeIsIn) and scope.entity_type.basename != "Agent":
+            return False
+        return uid == me or uid in ancestors
+    return True
+
+
 class Ruleset:
     """The compiled ``rules`` section: one evaluator, used by workers and by
     ``actionfleet policy check`` alike (``PolicyEngine.authorize``)."""
@@ -271,6 +334,12 @@ class Ruleset:
             self._sliced[name] = cedarpy.PolicySet.from_pst(
                 pst.PolicySet(templates={}, static_policies=keep, template_links=())
             )
+        self._by_action = {
+            name: {pid: n for pid, n in nodes.items() if _matches_action(n.action, name)}
+            for name in ACTIONS
+        }
+        self._per_principal: OrderedDict[tuple[str, str, tuple[str, ...]], Any] = OrderedDict()
+        self._reads = _Reads(list(nodes.values()))
         self._approval_free = config.default == "deny" and any(
             r.outcome == "approval" for r in self.rules.values()
         )
@@ -294,17 +363,62 @@ class Ruleset:
         entities = _ACTION_ENTITIES.with_added_json_str(json.dumps(req.entities(groups)))
         return cedarpy.is_authorized(req.request(), policies, entities)
 
+    def _policies_for(self, req: CedarRequest, groups: list[str]) -> Any:
+        """The action's slice, less the rules whose principal scope names another agent,
+        tenant or group (made on first use, kept for the next ``_SLICES_MAX``)."""
+        key = (req.action, req.principal, tuple(groups))
+        found = self._per_principal.get(key)
+        if found is not None:
+            self._per_principal.move_to_end(key)
+            return found
+        ancestors = frozenset(
+            [("Tenant", req.principal_attrs["tenant"]), *(("Group", g) for g in groups)]
+        )
+        nodes = self._by_action[req.action]
+        keep = {
+            pid: n
+            for pid, n in nodes.items()
+            if _principal_in_scope(n.principal, req.principal, ancestors)
+        }
+        found = (
+            self._sliced[req.action]
+            if len(keep) == len(nodes)
+            else cedarpy.PolicySet.from_pst(
+                pst.PolicySet(templates={}, static_policies=keep, template_links=())
+            )
+        )
+        self._per_principal[key] = found
+        if len(self._per_principal) > _SLICES_MAX:
+            self._per_principal.popitem(last=False)
+        return found
+
+    def _key(self, req: CedarRequest, groups: list[str]) -> str:
+        reads = self._reads
+        return json.dumps(
+            [
+                req.principal,
+                req.action,
+                req.resource_type,
+                req.resource_id if reads.resource_uid or "resource" in reads.whole else "",
+                groups,
+                reads.pick("principal", req.principal_attrs),
+                reads.pick("resource", req.resource_attrs),
+                reads.pick("context", req.context),
+            ],
+            sort_keys=True,
+        )
+
     def _outcome(self, req: CedarRequest) -> tuple[bool, tuple[str, ...], tuple[str, ...]]:
         """(allowed, reasons, errors) of Cedar for ``req``. A decision is a pure function
         of the request, its entities and the rules, so the same request is answered from
         ``_decided`` (bounded; a reloaded policy is a new Ruleset with an empty one)."""
         groups = self.groups_of(req.principal_attrs["tenant"], req.principal_attrs["id"])
-        key = json.dumps([req.request(), req.entities(groups)], sort_keys=True)
+        key = self._key(req, groups)
         hit = self._decided.get(key)
         if hit is not None:
             self._decided.move_to_end(key)
             return hit
-        res = self._evaluate(req, self._sliced[req.action])
+        res = self._evaluate(req, self._policies_for(req, groups))
         diag = res.diagnostics
         outcome = (bool(res.allowed), tuple(diag.reasons), tuple(diag.errors))
         self._decided[key] = outcome
