@@ -23,6 +23,7 @@ from audit.redact import MASK, Redacted, Scrubber, is_sensitive, redact, scrub
 from audit.schema import EVENT_COLUMNS, SCHEMA_VERSION, STAGES
 
 __all__ = [
+    "GRANTED_KEY",
     "EventSnapshot",
     "build",
     "encode",
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 _STATE_KEY = "_audit"  # per-attempt state kept in ActionContext.extra
+# The key an unsigned action was accepted as (a workflow step, by the engine's grant):
+# set by the pipeline once authenticated (workers/pipeline.py).
+GRANTED_KEY = "_granted_key_id"
 _uuid_lock = threading.Lock()
 _last_ms = 0
 _seq = 0
@@ -131,7 +135,10 @@ def snapshot(event: Any) -> EventSnapshot:
         state["rule"] = (event.rule_id or "", event.approver or "")
     cached = state.get("ident")
     if action is not None and cached is not None:
-        # Everything but the sandbox id is fixed for the attempt: built once, copied.
+        # Everything but the sandbox id is fixed for the attempt: built once, copied (and
+        # the key of a granted step, known only once authenticated).
+        if not cached["key_id"] and ctx.extra.get(GRANTED_KEY):
+            cached["key_id"] = ctx.extra[GRANTED_KEY]
         ident = {**cached, "sandbox_id": ctx.sandbox_id or ""}
     elif action is not None:
         payload = raw.get("payload")
@@ -140,7 +147,9 @@ def snapshot(event: Any) -> EventSnapshot:
             "idempotency_key": action.idempotency_key or action.action_id,
             "tenant_id": action.tenant_id,
             "agent_id": action.agent_id,
-            "key_id": action.auth.key_id if action.auth is not None else "",
+            "key_id": action.auth.key_id
+            if action.auth is not None
+            else ctx.extra.get(GRANTED_KEY, ""),
             "user_id": action.user_id or "",
             "labels": dict(action.labels),
         }

@@ -142,24 +142,39 @@ class GovFleet:
         return self.home / "ws"
 
     def start(self, **overrides: str) -> Worker:
-        self.worker = start_worker(
-            self.url,
-            self.home,
-            queues="actions.files,actions.api,actions.email,actions.code",
-            concurrency=2,
-            policy=str(self.policy),
-            auth="required",
-            workspace_root=str(self.workspace),
-            test_probe_executor="1",
-            test_probe_dir=str(self.probe_dir),
-            approval_sweep_s="0.3",
-            smtp_host="127.0.0.1",
-            smtp_port=str(self.smtp.port),
-            smtp_tls="none",
-            smtp_allow_cidrs="127.0.0.0/8",
-            **(self.extra | overrides),
+        """The fleet's worker; ``overrides`` replace any of its settings (e.g.
+        ``test_probe_executor="0"`` for real executors)."""
+        settings = (
+            {
+                "queues": "actions.files,actions.api,actions.email,actions.code",
+                "concurrency": 2,
+                "policy": str(self.policy),
+                "auth": "required",
+                "workspace_root": str(self.workspace),
+                "test_probe_executor": "1",
+                "test_probe_dir": str(self.probe_dir),
+                "approval_sweep_s": "0.3",
+                "smtp_host": "127.0.0.1",
+                "smtp_port": str(self.smtp.port),
+                "smtp_tls": "none",
+                "smtp_allow_cidrs": "127.0.0.0/8",
+            }
+            | self.extra
+            | overrides
         )
+        self.worker = start_worker(self.url, self.home, **settings)  # type: ignore[arg-type]
         return self.worker
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        gc.collect()  # handles unsubscribe on collection: while Redis still answers
+        if self.worker is not None:
+            self.worker.stop()
+        self.redis.proc.terminate()
+        self.redis.proc.wait(10)
+        for stop in self.stops:
+            stop()
 
     def client(self) -> ActionClient:
         c = ActionClient(self.url, settings=Settings(broker_url=self.url), key=self.key)
@@ -218,12 +233,4 @@ def gov_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GovFleet]:
         fleet.start()
         yield fleet
     finally:
-        for c in fleet.clients:
-            c.close()
-        gc.collect()  # handles unsubscribe on collection: while Redis still answers
-        if fleet.worker is not None:
-            fleet.worker.stop()
-        fleet.redis.proc.terminate()
-        fleet.redis.proc.wait(10)
-        for stop in fleet.stops:
-            stop()
+        fleet.close()

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from audit.events import GRANTED_KEY
 from producer.errors import (
     ActionError,
     DeadlinePassed,
@@ -152,6 +153,8 @@ class Pipeline:
                 raise
             if identity is not None and identity.nonce is not None:
                 ctx.extra["_nonce"] = identity.nonce
+            if identity is not None and action.auth is None:  # a workflow step's grant
+                ctx.extra[GRANTED_KEY] = identity.key_id
         if action.primitive != ctx.primitive:
             raise ValidationError_(
                 f"a {action.primitive!r} action arrived on queue {ctx.queue!r}; "

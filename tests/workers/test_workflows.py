@@ -62,7 +62,7 @@ def fleet(
     state = {"url": url, "home": home, "client": client, "engine": engine, "code": code}
     yield state
     client.close()
-    for worker in (state["code"], engine):
+    for worker in (state["code"], state["engine"]):
         worker.stop()
 
 
@@ -282,6 +282,12 @@ def test_code_worker_killed_during_step_two_resumes_without_repeating_step_one(
             f"SELECT count() FROM actionfleet.action_results WHERE action_id = '{first}'"
         ).rows
         assert int(ids[0][0]) == 1
+        # Every step is audited as the key the workflow was signed with (by its grant).
+        keys = reader.query(
+            "SELECT DISTINCT key_id FROM actionfleet.action_results "
+            f"WHERE labels['workflow_id'] = '{spec.workflow_id}'"
+        ).rows
+        assert keys == [[client.key.key_id]] or keys == [(client.key.key_id,)], keys
         # `actionfleet audit trace <workflow id>`: every stage of every step of the run.
         from audit import reports
 
@@ -290,6 +296,42 @@ def test_code_worker_killed_during_step_two_resumes_without_repeating_step_one(
         assert {e["stage"] for e in events} >= {"received", "policy", "started", "finished"}
     finally:
         ingester.close()
+
+
+def test_engine_worker_killed_mid_workflow_resumes_from_redis(fleet: dict[str, Any]) -> None:
+    """The engine's own worker (it also serves files and email) is SIGKILLed while step 2
+    runs: a new one picks the workflow up from its state in Redis (the killed worker's
+    unacked ``advance`` comes back after the visibility timeout) and the workflow
+    succeeds, step 1 not sent again."""
+    client: ActionClient = fleet["client"]
+    engine: Worker = fleet["engine"]
+    spec = _spec(sleep_s=3.0)
+    handle = submit_workflow(client, spec)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = handle.status()
+        if status and status["steps"][1]["status"] == "running":
+            break
+        time.sleep(0.1)
+    first = _result(client, spec, "write")
+    for pid in [*engine.pool_pids(), engine.proc.pid]:
+        subprocess.run(["kill", "-9", str(pid)], check=False)
+    engine.proc.wait(10)
+    fleet["engine"] = start_worker(
+        fleet["url"],
+        fleet["home"] / "engine2",
+        queues="actions.files,actions.email,actions.workflow",
+        auth="required",
+        workspace_root=str(Path(fleet["home"]) / "ws"),
+        visibility_timeout_s="90",
+        lease_s="2",
+    )
+    final = handle.wait(400)
+    assert final["status"] == "succeeded", final
+    assert [s["status"] for s in final["steps"]] == ["succeeded"] * 4, final
+    # Step 1's stored result is the one from before the kill (its own start and finish
+    # times): it did not run again.
+    assert _result(client, spec, "write") == first
 
 
 def test_a_step_message_without_the_engines_grant_is_refused(fleet: dict[str, Any]) -> None:
@@ -337,11 +379,13 @@ def test_the_workflow_file_runs_from_the_command_line(
     import os
     import sys
 
+    import yaml
+
     from tests.conftest import ROOT
 
     spec = _spec()
-    path = tmp_path / "wf.json"
-    path.write_text(spec.model_dump_json())
+    path = tmp_path / "wf.yaml"  # YAML, as an operator writes it (JSON: the other tests)
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACTIONFLEET_")}
     env |= {
         "ACTIONFLEET_BROKER_URL": fleet["url"],

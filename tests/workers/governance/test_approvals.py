@@ -12,13 +12,14 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from producer.client import ActionHandle
 from tests.conftest import ROOT
-from tests.governance_fixtures import GovFleet
+from tests.governance_fixtures import GovFleet, make_fleet
 from tests.reliability_fixtures import runs, wait_for
 from tests.workers.governance.test_rules_fleet import email, wait_audit
 from workers.governance.approvals import ApprovalStore
@@ -297,3 +298,36 @@ def test_an_approved_external_email_is_delivered_once(gov_fleet: GovFleet) -> No
     result = handle.result(timeout=90, final=True)
     assert result.status == "succeeded", result
     assert [m.rcpt_tos for m in delivered()] == [["a@acme.com", "x@partner.org"]]
+
+
+@pytest.mark.usefixtures("sandbox_image")
+def test_an_approved_code_action_runs_once_in_a_real_sandbox(tmp_path: Path) -> None:
+    """The approval path with the real code executor (a runc container on the tenant's
+    workspace, mounted rw): nothing is written while the action waits, the approved run
+    writes once."""
+    fleet = make_fleet(tmp_path)
+    try:
+        fleet.start(queues="actions.code", test_probe_executor="0", sandbox_runtime="runc")
+        source = (
+            "import os\n"
+            "path = '/workspace/approved.txt'\n"
+            "runs = open(path).read() if os.path.exists(path) else ''\n"
+            "open(path, 'w').write(runs + 'ran\\n')\n"
+            "print('wrote', path)\n"
+        )
+        action = parked_code() | {
+            "payload": {"language": "python", "source": source, "workspace": "rw"}
+        }
+        handle, approval_id = park(fleet, action)
+        assert not list(fleet.workspace.rglob("approved.txt"))  # parked: nothing ran
+        code, out = fleet.cli_json(
+            "approvals", "approve", approval_id, "--reason", "reviewed", "--as", "alice"
+        )
+        assert code == 0 and out["status"] == "approved", out
+        final = handle.result(timeout=180, final=True)
+        assert final.ok and final.output is not None, final
+        assert final.output["exit_code"] == 0 and "wrote" in final.output["stdout"], final
+        written = list(fleet.workspace.rglob("approved.txt"))
+        assert len(written) == 1 and written[0].read_text() == "ran\n"
+    finally:
+        fleet.close()
