@@ -39,6 +39,17 @@ from workers.config import Settings
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 TENANT = "apitest"  # the test policy lets it dry-run mail to example.com
+ENGINE_QUEUES = "actions.files,actions.email,actions.workflow"
+
+
+def _worker(url: str, home: Path, queues: str, **extra: str) -> Worker:
+    """A worker of this fleet: signatures required, the shared workspace (under the
+    fleet's home), a short visibility timeout so a killed worker's actions come back."""
+    workspace = home.parent / "ws"
+    return start_worker(
+        url, home, queues=queues, auth="required", workspace_root=str(workspace),
+        visibility_timeout_s="90", lease_s="2", **extra,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +58,8 @@ def fleet(
 ) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("wf-fleet")
     url = fresh_url(redis_own, 3)
-    common = {
-        "auth": "required",
-        "workspace_root": str(home / "ws"),
-        "visibility_timeout_s": "90",
-        "lease_s": "2",
-    }
-    engine = start_worker(
-        url, home / "engine", queues="actions.files,actions.email,actions.workflow", **common
-    )
-    code = start_worker(url, home / "code", queues="actions.code", sandbox_runtime="runc", **common)
+    engine = _worker(url, home / "engine", ENGINE_QUEUES)
+    code = _worker(url, home / "code", "actions.code", sandbox_runtime="runc")
     _, key = KeyStore(redis.Redis.from_url(url)).create(TENANT, "*")
     client = ActionClient(url, settings=Settings(broker_url=url), key=key.secret())
     state = {"url": url, "home": home, "client": client, "engine": engine, "code": code}
@@ -252,15 +255,8 @@ def test_code_worker_killed_during_step_two_resumes_without_repeating_step_one(
         reaper.close()
     # A new code worker: the killed one's unacked step comes back after the visibility
     # timeout (90 s here; kombu sweeps at a quarter of it).
-    fleet["code"] = start_worker(
-        fleet["url"],
-        fleet["home"] / "code2",
-        queues="actions.code",
-        sandbox_runtime="runc",
-        auth="required",
-        workspace_root=str(Path(fleet["home"]) / "ws"),
-        visibility_timeout_s="90",
-        lease_s="2",
+    fleet["code"] = _worker(
+        fleet["url"], fleet["home"] / "code2", "actions.code", sandbox_runtime="runc"
     )
     final = handle.wait(400)
     assert final["status"] == "succeeded", final
@@ -317,15 +313,7 @@ def test_engine_worker_killed_mid_workflow_resumes_from_redis(fleet: dict[str, A
     for pid in [*engine.pool_pids(), engine.proc.pid]:
         subprocess.run(["kill", "-9", str(pid)], check=False)
     engine.proc.wait(10)
-    fleet["engine"] = start_worker(
-        fleet["url"],
-        fleet["home"] / "engine2",
-        queues="actions.files,actions.email,actions.workflow",
-        auth="required",
-        workspace_root=str(Path(fleet["home"]) / "ws"),
-        visibility_timeout_s="90",
-        lease_s="2",
-    )
+    fleet["engine"] = _worker(fleet["url"], fleet["home"] / "engine2", ENGINE_QUEUES)
     final = handle.wait(400)
     assert final["status"] == "succeeded", final
     assert [s["status"] for s in final["steps"]] == ["succeeded"] * 4, final

@@ -99,14 +99,18 @@ def _audit_rows(url: str, action_id: str) -> list[dict[str, Any]]:
     return stream_rows(url, action_id)
 
 
-def _wait_audit(url: str, action_id: str, stage: str = "finished") -> list[dict[str, Any]]:
+def _wait_audit(
+    url: str, action_id: str, stage: str = "finished", count: int = 1
+) -> list[dict[str, Any]]:
+    """The action's audit rows once ``count`` of them are of ``stage`` (the events are
+    streamed after the result is stored: a result in hand does not mean its event is)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         rows = _audit_rows(url, action_id)
-        if any(r["stage"] == stage for r in rows):
+        if sum(r["stage"] == stage for r in rows) >= count:
             return rows
         time.sleep(0.1)
-    raise AssertionError(f"no {stage} audit event for {action_id}")
+    raise AssertionError(f"fewer than {count} {stage} audit events for {action_id}")
 
 
 def _refused(
@@ -240,7 +244,7 @@ def test_an_exact_copy_of_an_accepted_message_does_not_run_again(
     again = _send_raw(url, message)
     assert again.status == "succeeded" and again.action_id == first.action_id
     assert not path.exists(), "the copy ran again"
-    rows = _wait_audit(url, message["action_id"])
+    rows = _wait_audit(url, message["action_id"], count=2)
     finished = [r for r in rows if r["stage"] == "finished"]
     assert [r["policy_decision"] for r in finished] == ["allow", "duplicate"], rows
 

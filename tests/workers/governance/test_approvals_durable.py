@@ -28,14 +28,7 @@ def fleet(tmp_path: Path) -> Iterator[GovFleet]:
     try:
         yield f
     finally:
-        for c in f.clients:
-            c.close()
-        if f.worker is not None:
-            f.worker.stop()
-        f.redis.proc.terminate()
-        f.redis.proc.wait(10)
-        for stop in f.stops:
-            stop()
+        f.close()
 
 
 def test_parked_action_survives_worker_and_redis_restarts(fleet: GovFleet) -> None:
