@@ -33,10 +33,9 @@ import redis
 from celery import Celery, states
 from pydantic import ValidationError
 
-from producer.auth import verify_signature
 from producer.errors import InvalidAction
 from producer.models import queue_for, task_name_for
-from producer.transport import RESULT_KEY_PREFIX, kwargs_repr, redis_priority, task_id_for
+from producer.transport import kwargs_repr, redis_priority, task_id_for
 from producer.validation import parse_action
 from producer.workflows import (
     START_TASK,
@@ -49,16 +48,14 @@ from workers.auth.grants import GrantStore
 from workers.auth.keys import KeyStore
 from workers.workflows.refs import RefError, condition_holds, resolve
 from workers.workflows.state import TERMINAL, WorkflowState, WorkflowStore
+from workers.workflows.status import announce, iso, status_of
+from workers.workflows.verify import Refused, verify_message
 
 __all__ = ["ADVANCE_TASK", "START_TASK", "Engine"]
 
 log = logging.getLogger(__name__)
 ADVANCE_TASK = "actionfleet.workflow.advance"
 POLL_MIN_S, POLL_MAX_S = 0.05, 2.0
-
-
-class Refused(Exception):
-    """A workflow message the engine will not run (bad signature, key, scope, shape)."""
 
 
 @dataclass
@@ -100,7 +97,7 @@ class Engine:
             return  # no workflow id to answer under
         if self.store.load(spec.workflow_id) is not None:
             return
-        now = _iso(time.time())
+        now = iso(time.time())
         status = {
             "workflow_id": spec.workflow_id,
             "name": spec.name,
@@ -116,29 +113,15 @@ class Engine:
         self._announce(spec.tenant_id, spec.workflow_id, status, final=True, only_new=True)
 
     def _verify(self, message: dict[str, Any], tenant: str, agent: str, prims: set[str]) -> str:
-        """The key id the message was signed with (``""`` with auth off)."""
-        proof = message.get("auth")
-        if not isinstance(proof, dict):
-            if self.auth_required:
-                raise Refused("unsigned workflow message on a fleet that requires signatures")
-            return ""
-        key_id = str(proof.get("key_id", ""))
-        record = self.keys.get(key_id)
-        if record is None or not record.usable():
-            raise Refused(f"key {key_id} is unknown, revoked or expired")
-        ts, nonce, sig = proof.get("ts"), str(proof.get("nonce", "")), str(proof.get("sig", ""))
-        if not isinstance(ts, int) or not verify_signature(
-            record.public_key, message, key_id, ts, nonce, sig
-        ):
-            raise Refused(f"bad signature for key {key_id}")
-        # Replays: a start is idempotent by workflow id and its state outlives this window.
-        if abs(time.time() * 1000 - ts) > self.skew_s * 1000:
-            raise Refused(f"message of key {key_id} signed outside the clock-skew window")
-        for primitive in sorted(prims) or list(record.primitives[:1]):
-            outside = record.allows(tenant, agent, primitive)
-            if outside is not None:
-                raise Refused(f"key {key_id} may not act for {outside}")
-        return key_id
+        return verify_message(
+            self.keys,
+            message,
+            tenant,
+            agent,
+            prims,
+            auth_required=self.auth_required,
+            skew_s=self.skew_s,
+        )
 
     def _start(self, message: dict[str, Any]) -> None:
         try:
@@ -155,7 +138,7 @@ class Engine:
             "phase": "run",
             "deadline": deadline,
             "token": token,
-            "created_at": _iso(now),
+            "created_at": iso(now),
         }
         if self.store.create(spec, fields):
             log.info("workflow %s started (%d steps)", spec.workflow_id, len(spec.steps))
@@ -247,7 +230,7 @@ class Engine:
                     self._publish(state)
                     break
             else:
-                self.store.update(state, status="succeeded", finished_at=_iso(time.time()))
+                self.store.update(state, status="succeeded", finished_at=iso(time.time()))
                 self._publish(state)
                 return None
         # Compensation: a step still out (cancel, deadline) is waited for first.
@@ -263,7 +246,7 @@ class Engine:
             outcome = self._step(state, step, "compensate")
             if outcome is not None:
                 return outcome
-        self.store.update(state, status=state.get("final", "failed"), finished_at=_iso(time.time()))
+        self.store.update(state, status=state.get("final", "failed"), finished_at=iso(time.time()))
         self._publish(state)
         return None
 
@@ -303,7 +286,7 @@ class Engine:
             argsrepr="()",
             kwargsrepr=kwargs_repr(message["primitive"], action_id, spec.tenant_id),
         )
-        self.store.update(state, **{f"s:{step.id}:{phase}": _iso(time.time())})
+        self.store.update(state, **{f"s:{step.id}:{phase}": iso(time.time())})
         self._publish(state)
         return True
 
@@ -357,37 +340,7 @@ class Engine:
 
     def status(self, state: WorkflowState) -> dict[str, Any]:
         """What ``actionfleet workflow status`` shows."""
-        spec = state.spec
-        steps = []
-        for step in spec.steps:
-            result = state.result(step.id)
-            row: dict[str, Any] = {
-                "id": step.id,
-                "primitive": step.action["primitive"],
-                "status": result["status"] if result else _pending(state, step.id),
-                "action_id": step_action_id(spec.workflow_id, step.id),
-            }
-            if result and result.get("error"):
-                row["error"] = result["error"]
-            comp = state.result(step.id, "compensate")
-            if comp is not None or state.sent(step.id, "compensate"):
-                row["compensation"] = {
-                    "status": comp["status"] if comp else "running",
-                    "action_id": step_action_id(spec.workflow_id, step.id, "compensate"),
-                }
-            steps.append(row)
-        return {
-            "workflow_id": spec.workflow_id,
-            "name": spec.name,
-            "tenant_id": spec.tenant_id,
-            "agent_id": spec.agent_id,
-            "key_id": state.get("key_id") or None,
-            "status": state.status,
-            "reason": state.get("reason") or None,
-            "created_at": state.get("created_at"),
-            "finished_at": state.get("finished_at") or None,
-            "steps": steps,
-        }
+        return status_of(state)
 
     def _publish(self, state: WorkflowState) -> None:
         spec = state.spec
@@ -403,26 +356,12 @@ class Engine:
         final: bool,
         only_new: bool = False,
     ) -> None:
-        """The status under the workflow's own result key (a producer's Redis user may
-        read its tenant's), announced on its channel: ready (``SUCCESS``) once final.
-        ``only_new``: not over a status already there."""
-        task_id = task_id_for(tenant_id, workflow_id)
-        meta = {
-            "status": states.SUCCESS if final else states.STARTED,
-            "result": status,
-            "traceback": None,
-            "children": [],
-            "date_done": _iso(time.time()),
-            "task_id": task_id,
-        }
-        key, body = f"{RESULT_KEY_PREFIX}{task_id}", json.dumps(meta)
-        if self.client.set(key, body, ex=self.result_expires_s, nx=only_new):
-            self.client.publish(key, body)
-
-
-def _pending(state: WorkflowState, step: str) -> str:
-    return "running" if state.sent(step, "run") else "pending"
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat()
+        announce(
+            self.client,
+            tenant_id,
+            workflow_id,
+            status,
+            final=final,
+            expires_s=self.result_expires_s,
+            only_new=only_new,
+        )
