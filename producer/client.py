@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
-from kombu.exceptions import OperationalError
 from redis import RedisError
 
 from producer.async_results import READY, ResultWaiter
@@ -234,6 +233,11 @@ class ActionClient:
             user, password = self.key.redis_credentials()
             url = with_credentials(url, user, password)
             backend = with_credentials(backend, user, password) if backend else None
+        if not redis_url(url):
+            raise FleetUnavailable(
+                f"the broker must be Redis (redis:// or rediss://), not "
+                f"{url.split('://', 1)[0]}://: the fleet's queues are Redis lists"
+            )
         self.broker_url = url
         self.primitives = tuple(primitives)
         self._app = Celery("actionfleet-client", set_as_current=False)
@@ -245,9 +249,8 @@ class ActionClient:
         )
         if urlsplit(self._app.conf.result_backend).scheme in ("redis", "rediss"):
             self._app.backend_cls = LazyWatchRedisBackend
-        # Straight to the Redis lists (producer/publish.py); another broker goes through
-        # Celery's send_task.
-        self._publisher = RedisPublisher(self._app, url) if redis_url(url) else None
+        # Straight to the queues' Redis lists (producer/publish.py), not Celery's send_task.
+        self._publisher = RedisPublisher(self._app, url)
 
     # -- validation -------------------------------------------------------------------
 
@@ -259,8 +262,6 @@ class ActionClient:
     def send(self, action: Action, message: dict[str, Any] | None = None) -> ActionHandle:
         """Enqueue an action ``validate`` returned (``message``: its signed message, when
         the caller signed it already); returns at once with a handle."""
-        if self._publisher is None:
-            return self._send_task(action, self._signed(action, message))
         self._publish([self._outgoing(action, self._signed(action, message))])
         return self.handle_for(action)
 
@@ -272,7 +273,6 @@ class ActionClient:
         return message
 
     def _outgoing(self, action: Action, message: dict[str, Any]) -> Outgoing:
-        assert self._publisher is not None
         return self._publisher.build(
             task_name_for(action.primitive),
             queue_for(action.primitive),
@@ -283,14 +283,12 @@ class ActionClient:
         )
 
     def _publish(self, messages: Sequence[Outgoing]) -> None:
-        assert self._publisher is not None
         try:
             self._publisher.publish(messages)
         except RedisError as exc:
             raise self._unavailable(exc) from exc
 
     async def _apublish(self, messages: Sequence[Outgoing]) -> None:
-        assert self._publisher is not None
         try:
             await self._publisher.apublish(messages)
         except RedisError as exc:
@@ -298,24 +296,6 @@ class ActionClient:
 
     def _unavailable(self, exc: RedisError) -> FleetUnavailable:
         return FleetUnavailable(f"broker at {self._safe_url()} did not take the action: {exc}")
-
-    def _send_task(self, action: Action, message: dict[str, Any]) -> ActionHandle:
-        try:
-            async_result = self._app.send_task(
-                task_name_for(action.primitive),
-                kwargs={"message": message},
-                queue=queue_for(action.primitive),
-                # No queue declaration from the producer: workers declare their queues,
-                # and a producer's Redis user may only push to them (docs/security.md).
-                declare=[],
-                task_id=task_id_for(action.tenant_id, action.action_id),
-                priority=redis_priority(action.priority),
-                argsrepr="()",
-                kwargsrepr=kwargs_repr(action.primitive, action.action_id, action.tenant_id),
-            )
-        except OperationalError as exc:
-            raise FleetUnavailable(f"broker at {self._safe_url()} does not answer: {exc}") from exc
-        return ActionHandle(action, async_result)
 
     def submit(self, action: Any) -> ActionHandle:
         """Validate and enqueue one action; returns at once with a handle."""
@@ -343,9 +323,6 @@ class ActionClient:
         if self.key is not None:
             messages = self.key.sign_many(messages)
         pairs = list(zip(actions, messages, strict=True))
-        if self._publisher is None:
-            with self._app.producer_or_acquire():
-                return [self._send_task(a, m) for a, m in pairs]
         # One round trip per slice: a pipeline's replies are held until it ends.
         for start in range(0, len(pairs), _PUBLISH_SLICE):
             self._publish([self._outgoing(a, m) for a, m in pairs[start : start + _PUBLISH_SLICE]])
@@ -377,16 +354,8 @@ class ActionClient:
         ``task`` to ``queue``: how fleet-owned work (workflows) is handed over."""
         if self.key is not None:
             message = self.key.sign(message)
-        if self._publisher is not None:
-            kwargs = {"message": message}
-            self._publish([self._publisher.build(task, queue, kwargs, task_id=task_id)])
-            return
-        try:
-            self._app.send_task(
-                task, kwargs={"message": message}, queue=queue, declare=[], task_id=task_id
-            )
-        except OperationalError as exc:
-            raise FleetUnavailable(f"broker at {self._safe_url()} does not answer: {exc}") from exc
+        kwargs = {"message": message}
+        self._publish([self._publisher.build(task, queue, kwargs, task_id=task_id)])
 
     def async_result(self, task_id: str) -> AsyncResult:
         """Celery's handle on whatever the fleet stores under ``task_id``."""
@@ -421,14 +390,11 @@ class ActionClient:
         handle = self.handle_for(parsed)
 
         async def start() -> None:
-            if self._publisher is None:
-                self.send(parsed)
-            else:
-                await self._apublish([self._outgoing(parsed, self._signed(parsed, None))])
+            await self._apublish([self._outgoing(parsed, self._signed(parsed, None))])
 
         # Sent once the result's channel is subscribed: no round trip of its own to wait.
         meta = await self.waiter().wait(
-            task_id_for(parsed.tenant_id, parsed.action_id),
+            handle.task_id,
             timeout,
             until=_until(final),
             start=start,
@@ -466,8 +432,7 @@ class ActionClient:
         return str(maybe_sanitize_url(self.broker_url))
 
     def close(self) -> None:
-        if self._publisher is not None:
-            self._publisher.close()
+        self._publisher.close()
         self._app.close()
 
     async def aclose(self) -> None:
@@ -475,8 +440,7 @@ class ActionClient:
         waiter = self._waiters.pop(asyncio.get_running_loop(), None)
         if waiter is not None:
             await waiter.close()
-        if self._publisher is not None:
-            await self._publisher.aclose()
+        await self._publisher.aclose()
         self.close()
 
     def __enter__(self) -> ActionClient:

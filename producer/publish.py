@@ -18,7 +18,6 @@ import base64
 import json
 import uuid
 import weakref
-from bisect import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from producer.transport import REDIS_PRIORITY_SEP, REDIS_PRIORITY_STEPS
+from producer.transport import redis_queue_key
 
 __all__ = ["Outgoing", "RedisPublisher", "redis_url"]
 
@@ -53,12 +52,6 @@ class Outgoing:
 
     key: str
     payload: str
-
-
-def _list_for(queue: str, priority: int) -> str:
-    # kombu's Redis transport: one list per priority step, the nearest step at or below.
-    step = REDIS_PRIORITY_STEPS[bisect(REDIS_PRIORITY_STEPS, max(0, min(9, priority))) - 1]
-    return f"{queue}{REDIS_PRIORITY_SEP}{step}" if step else queue
 
 
 class RedisPublisher:
@@ -127,7 +120,7 @@ class RedisPublisher:
             "properties": properties,
         }
         # The stdlib's JSON, as kombu's writes it for these plain values, at half the cost.
-        return Outgoing(_list_for(queue, priority), json.dumps(envelope))
+        return Outgoing(redis_queue_key(queue, priority), json.dumps(envelope))
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         """Push ``messages`` in one round trip (a pipeline, not a transaction: each LPUSH

@@ -24,6 +24,7 @@ __all__ = [
     "celery_conf",
     "kwargs_repr",
     "redis_priority",
+    "redis_queue_key",
     "redis_queue_keys",
     "task_id_for",
 ]
@@ -57,9 +58,15 @@ def redis_priority(priority: int) -> int:
     return 9 - priority
 
 
+def redis_queue_key(queue: str, step: int) -> str:
+    """The Redis list of ``queue``'s messages at kombu priority ``step`` (0-9, clamped)."""
+    step = max(REDIS_PRIORITY_STEPS[0], min(REDIS_PRIORITY_STEPS[-1], step))
+    return f"{queue}{REDIS_PRIORITY_SEP}{step}" if step else queue
+
+
 def redis_queue_keys(queue: str) -> list[str]:
     """The Redis lists holding ``queue``'s messages, one per priority step."""
-    return [queue] + [f"{queue}{REDIS_PRIORITY_SEP}{s}" for s in REDIS_PRIORITY_STEPS if s]
+    return [redis_queue_key(queue, s) for s in REDIS_PRIORITY_STEPS]
 
 
 def kwargs_repr(primitive: str, action_id: str, tenant_id: str) -> str:

@@ -19,8 +19,8 @@ import redis
 
 from producer.client import ActionClient
 from producer.errors import FleetUnavailable
-from producer.models import queue_for
-from producer.transport import redis_queue_keys
+from producer.models import queue_for, task_name_for
+from producer.transport import kwargs_repr, redis_priority, redis_queue_keys, task_id_for
 from tests.conftest import RedisServer, start_redis, start_worker
 from workers.config import Settings
 from workers.ops.fleet import free_port
@@ -69,7 +69,16 @@ def test_the_message_is_the_one_send_task_writes(server: RedisServer, priority: 
     client = _client(url)
     action = client.validate(_stat(priority))
     client.send(action)  # the publish path
-    client._send_task(action, action.model_dump(mode="json", by_alias=True))  # Celery's
+    client._app.send_task(  # Celery's own, as the client sent it before producer/publish.py
+        task_name_for(action.primitive),
+        kwargs={"message": action.model_dump(mode="json", by_alias=True)},
+        queue=queue_for(action.primitive),
+        declare=[],
+        task_id=task_id_for(action.tenant_id, action.action_id),
+        priority=redis_priority(action.priority),
+        argsrepr="()",
+        kwargsrepr=kwargs_repr(action.primitive, action.action_id, action.tenant_id),
+    )
     (ours_key, ours), (celery_key, celery) = _pushed(r, queue_for("files"))
     client.close()
 
@@ -95,6 +104,11 @@ def test_send_many_pushes_every_action_in_order(server: RedisServer) -> None:
     assert [h.action_id for h in handles] == [a.action_id for a in actions]
     ids = [m["headers"]["id"] for _, m in pushed]
     assert ids == [f"acme+{a.action_id}" for a in actions]
+
+
+def test_a_broker_that_is_not_redis_is_refused_up_front() -> None:
+    with pytest.raises(FleetUnavailable, match="must be Redis"):
+        ActionClient("amqp://guest@127.0.0.1:5672//", key=None)
 
 
 def test_a_broker_that_does_not_answer_is_fleet_unavailable_without_its_password() -> None:
