@@ -238,6 +238,13 @@ def _matches_action(scope: Any, action: str) -> bool:
     return any(e.id in names for e in scope.entities)  # ActionIn
 
 
+def _policy_set(nodes: dict[str, Any]) -> Any:
+    """A Cedar policy set of these parsed rules (a slice of the file's)."""
+    return cedarpy.PolicySet.from_pst(
+        pst.PolicySet(templates={}, static_policies=nodes, template_links=())
+    )
+
+
 class _Reads:
     """What the rules read of a request: per variable, the attribute names read directly
     (``resource.path``, ``context has labels``), or every attribute when the variable is
@@ -317,7 +324,6 @@ class Ruleset:
             raise ValueError(f"rules: {errs}")
         tree = parsed.to_pst()
         nodes = dict(tree.static_policies)
-        self._nodes = nodes
         if tree.templates:
             raise ValueError("rules: templates (?principal, ?resource) are not supported")
         self.rules: dict[str, Rule] = {pid: _rule(pid, n) for pid, n in nodes.items()}
@@ -327,17 +333,12 @@ class Ruleset:
                 raise ValueError(f"rules: two rules have @id({r.id!r}); ids must be unique")
             seen[r.id] = r.policy_id
         self.by_id = {r.id: r for r in self.rules.values()}
-        # One policy set per Cedar action, of the rules whose scope can match it.
-        self._sliced: dict[str, Any] = {}
-        for name in ACTIONS:
-            keep = {pid: n for pid, n in nodes.items() if _matches_action(n.action, name)}
-            self._sliced[name] = cedarpy.PolicySet.from_pst(
-                pst.PolicySet(templates={}, static_policies=keep, template_links=())
-            )
+        # Per Cedar action, the rules whose scope can match it, and their policy set.
         self._by_action = {
             name: {pid: n for pid, n in nodes.items() if _matches_action(n.action, name)}
             for name in ACTIONS
         }
+        self._sliced = {name: _policy_set(kept) for name, kept in self._by_action.items()}
         self._per_principal: OrderedDict[tuple[str, str, tuple[str, ...]], Any] = OrderedDict()
         self._reads = _Reads(list(nodes.values()))
         self._approval_free = config.default == "deny" and any(
@@ -380,13 +381,7 @@ class Ruleset:
             for pid, n in nodes.items()
             if _principal_in_scope(n.principal, req.principal, ancestors)
         }
-        found = (
-            self._sliced[req.action]
-            if len(keep) == len(nodes)
-            else cedarpy.PolicySet.from_pst(
-                pst.PolicySet(templates={}, static_policies=keep, template_links=())
-            )
-        )
+        found = self._sliced[req.action] if len(keep) == len(nodes) else _policy_set(keep)
         self._per_principal[key] = found
         if len(self._per_principal) > _SLICES_MAX:
             self._per_principal.popitem(last=False)
@@ -452,10 +447,7 @@ class Ruleset:
         # Under default deny, approval rules fired: does any permit rule let it through?
         keep = {
             pid: n
-            for pid, n in self._nodes.items()
-            if self.rules[pid].outcome != "approval" and _matches_action(n.action, req.action)
+            for pid, n in self._by_action[req.action].items()
+            if self.rules[pid].outcome != "approval"
         }
-        policies = cedarpy.PolicySet.from_pst(
-            pst.PolicySet(templates={}, static_policies=keep, template_links=())
-        )
-        return bool(self._evaluate(req, policies).allowed)
+        return bool(self._evaluate(req, _policy_set(keep)).allowed)
