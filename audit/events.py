@@ -135,10 +135,7 @@ def snapshot(event: Any) -> EventSnapshot:
         state["rule"] = (event.rule_id or "", event.approver or "")
     cached = state.get("ident")
     if action is not None and cached is not None:
-        # Everything but the sandbox id is fixed for the attempt: built once, copied (and
-        # the key of a granted step, known only once authenticated).
-        if not cached["key_id"] and ctx.extra.get(GRANTED_KEY):
-            cached["key_id"] = ctx.extra[GRANTED_KEY]
+        # Everything but the sandbox id is fixed for the attempt: built once, copied.
         ident = {**cached, "sandbox_id": ctx.sandbox_id or ""}
     elif action is not None:
         payload = raw.get("payload")
@@ -147,9 +144,7 @@ def snapshot(event: Any) -> EventSnapshot:
             "idempotency_key": action.idempotency_key or action.action_id,
             "tenant_id": action.tenant_id,
             "agent_id": action.agent_id,
-            "key_id": action.auth.key_id
-            if action.auth is not None
-            else ctx.extra.get(GRANTED_KEY, ""),
+            "key_id": action.auth.key_id if action.auth is not None else "",
             "user_id": action.user_id or "",
             "labels": dict(action.labels),
         }
@@ -176,6 +171,9 @@ def snapshot(event: Any) -> EventSnapshot:
         }
         if action is not None:
             state["ident"] = ident
+    if action is not None and not ident["key_id"] and ctx.extra.get(GRANTED_KEY):
+        # A workflow step's key, known once its grant is checked (after ``received``).
+        ident["key_id"] = state["ident"]["key_id"] = ctx.extra[GRANTED_KEY]
     decision, reason = state.get("policy", ("", ""))
     rule_id, approver = state.get("rule", ("", ""))
     if event.stage == "finished" and event.decision:

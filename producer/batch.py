@@ -201,7 +201,7 @@ POLL_S = 0.02
 PATIENCE_S = 2.0
 SMALL_WINDOW = 32
 SEND_CHUNK = 64  # lines signed and sent together (one Ed25519 signature, producer.auth)
-FETCH_MIN, FETCH_MAX = 4, 512
+FETCH_FIRST, FETCH_MIN, FETCH_MAX = 16, 4, 512  # results read per round trip
 _RATE_MEMORY = 0.8  # weight of the past in the estimated rate of results
 
 
@@ -242,7 +242,7 @@ class BatchRunner:
         # quarter of the window at most, and one at a time under a rate cap, so each send
         # keeps its own pace and a fresh signature.
         self._chunk_n = 1 if rate else max(1, min(SEND_CHUNK, window // 4))
-        self._fetch_n = 16
+        self._fetch_n = FETCH_FIRST
         # Results found and seconds elapsed, both decayed per read: their ratio is the
         # recent rate at which results land, which sizes the next read.
         self._found_recent = 0.0

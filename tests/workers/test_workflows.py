@@ -233,13 +233,7 @@ def test_code_worker_killed_during_step_two_resumes_without_repeating_step_one(
     client: ActionClient = fleet["client"]
     code: Worker = fleet["code"]
     spec = _spec(sleep_s=4.0)
-    handle = submit_workflow(client, spec)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # step 2 is running in a container
-        status = handle.status()
-        if status and status["steps"][1]["status"] == "running":
-            break
-        time.sleep(0.1)
+    handle = _while_processing(client, spec)  # step 2 is running in a container
     time.sleep(1.5)
     for pid in [*code.pool_pids(), code.proc.pid]:
         subprocess.run(["kill", "-9", str(pid)], check=False)
@@ -302,13 +296,7 @@ def test_engine_worker_killed_mid_workflow_resumes_from_redis(fleet: dict[str, A
     client: ActionClient = fleet["client"]
     engine: Worker = fleet["engine"]
     spec = _spec(sleep_s=3.0)
-    handle = submit_workflow(client, spec)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        status = handle.status()
-        if status and status["steps"][1]["status"] == "running":
-            break
-        time.sleep(0.1)
+    handle = _while_processing(client, spec)
     first = _result(client, spec, "write")
     for pid in [*engine.pool_pids(), engine.proc.pid]:
         subprocess.run(["kill", "-9", str(pid)], check=False)

@@ -14,8 +14,9 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["add_ops_parser"]
 from producer.cli_io import eprint as _eprint
+
+__all__ = ["add_ops_parser"]
 
 
 def _broker_url() -> str | None:

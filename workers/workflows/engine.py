@@ -338,14 +338,10 @@ class Engine:
             countdown=delay or None,
         )
 
-    def status(self, state: WorkflowState) -> dict[str, Any]:
-        """What ``actionfleet workflow status`` shows."""
-        return status_of(state)
-
     def _publish(self, state: WorkflowState) -> None:
         spec = state.spec
         final = state.status in TERMINAL
-        self._announce(spec.tenant_id, spec.workflow_id, self.status(state), final=final)
+        self._announce(spec.tenant_id, spec.workflow_id, status_of(state), final=final)
 
     def _announce(
         self,
