@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
+
 from producer.batch import (
     DEFAULT_WINDOW,
     MAX_WINDOW,
@@ -92,8 +94,8 @@ def _items(path: Path, start_line: int) -> Iterator[tuple[int, Any]]:
             if number < start_line or not text.strip():
                 continue
             try:
-                raw: Any = json.loads(text)
-            except ValueError:
+                raw: Any = orjson.loads(text)
+            except orjson.JSONDecodeError:
                 raw = text.rstrip("\n")
             yield number, raw
 
@@ -113,8 +115,7 @@ class _Output:
         self._last = time.monotonic()
 
     def write(self, entry: BatchEntry) -> None:
-        text = json.dumps(entry.result, ensure_ascii=False, default=str)
-        self.fh.write(text.encode() + b"\n")
+        self.fh.write(orjson.dumps(entry.result, default=str) + b"\n")
         self.results += 1
         self.next_line = entry.line + 1
         if time.monotonic() - self._last >= CHECKPOINT_S:

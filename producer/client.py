@@ -8,7 +8,6 @@ Redis as the key's ACL user, which may publish actions and read its tenant's res
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -16,6 +15,7 @@ from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
@@ -42,7 +42,7 @@ from producer.validation import parse_action
 READY_STATES = states.READY_STATES
 _POLL_S = 5.0  # how often a long wait double-checks the stored result
 _FIRST_POLL_S = 0.5
-_PUBLISH_SLICE = 512  # messages per pipelined round trip
+_PUBLISH_SLICE = 512  # messages per round trip (a bounded command for Redis to parse)
 
 
 class _Parked(Exception):
@@ -323,22 +323,22 @@ class ActionClient:
         if self.key is not None:
             messages = self.key.sign_many(messages)
         pairs = list(zip(actions, messages, strict=True))
-        # One round trip per slice: a pipeline's replies are held until it ends.
+        # One round trip per slice: Redis holds a whole command in memory while parsing it.
         for start in range(0, len(pairs), _PUBLISH_SLICE):
             self._publish([self._outgoing(a, m) for a, m in pairs[start : start + _PUBLISH_SLICE]])
         return [self.handle_for(a) for a in actions]
 
     def stored_results(self, handles: Sequence[ActionHandle]) -> list[dict[str, Any] | None]:
         """The stored result (JSON, as the worker wrote it) of each handle, or None where
-        there is none yet: one round trip for all of them (a pipeline of reads)."""
-        pipe = self._app.backend.client.pipeline(transaction=False)
-        for handle in handles:
-            pipe.get(RESULT_KEY_PREFIX + handle.task_id)
+        there is none yet: one MGET for all of them."""
+        if not handles:
+            return []
+        raws = self._app.backend.client.mget([RESULT_KEY_PREFIX + h.task_id for h in handles])
         out: list[dict[str, Any] | None] = []
-        for handle, raw in zip(handles, pipe.execute(), strict=True):
+        for handle, raw in zip(handles, raws, strict=True):
             # Plain JSON, as Celery's JSON serializer wrote it (and as the asyncio waiter
             # reads it): kombu's decoder costs several times more per result.
-            meta = json.loads(raw) if raw else None
+            meta = orjson.loads(raw) if raw else None
             if meta is None or meta.get("status") not in READY_STATES:
                 out.append(None)
                 continue

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import uuid
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis
 import redis.asyncio as aioredis
 from celery import Celery
@@ -51,7 +51,20 @@ class Outgoing:
     """One serialized message and the Redis list it goes to."""
 
     key: str
-    payload: str
+    payload: bytes
+
+
+def _runs(messages: Sequence[Outgoing]) -> list[list[str | bytes]]:
+    """``[key, payload, payload, ...]`` per run of consecutive messages to one list: LPUSH
+    with many values pushes them left to right, so the worker's BRPOP still takes them in
+    the order given, and Redis parses one command instead of one per message."""
+    runs: list[list[str | bytes]] = []
+    for message in messages:
+        if runs and runs[-1][0] == message.key:
+            runs[-1].append(message.payload)
+        else:
+            runs.append([message.key, message.payload])
+    return runs
 
 
 class RedisPublisher:
@@ -113,35 +126,38 @@ class RedisPublisher:
             delivery_tag=str(uuid.uuid4()),
         )
         envelope = {
-            "body": base64.b64encode(json.dumps(body).encode()).decode(),
+            "body": base64.b64encode(orjson.dumps(body)).decode(),
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": headers,
             "properties": properties,
         }
-        # The stdlib's JSON, as kombu's writes it for these plain values, at half the cost.
-        return Outgoing(redis_queue_key(queue, priority), json.dumps(envelope))
+        # orjson: the same JSON values kombu's encoder writes (compact), at a fraction of
+        # its cost -- the message is built once per action on the producer's hot path.
+        return Outgoing(redis_queue_key(queue, priority), orjson.dumps(envelope))
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
-        """Push ``messages`` in one round trip (a pipeline, not a transaction: each LPUSH
-        stands alone, as with ``send_task``)."""
-        if len(messages) == 1:
-            self._client.lpush(messages[0].key, messages[0].payload)
+        """Push ``messages`` in one round trip: one LPUSH per run of messages bound for the
+        same list (a pipeline of them, not a transaction)."""
+        runs = _runs(messages)
+        if len(runs) == 1:
+            self._client.lpush(*runs[0])
             return
         with self._client.pipeline(transaction=False) as pipe:
-            for message in messages:
-                pipe.lpush(message.key, message.payload)
+            for run in runs:
+                pipe.lpush(*run)
             pipe.execute()
 
     async def apublish(self, messages: Sequence[Outgoing]) -> None:
         """``publish`` for asyncio, on the running loop's own connection."""
         client = self._aclient()
-        if len(messages) == 1:
-            await client.lpush(messages[0].key, messages[0].payload)
+        runs = _runs(messages)
+        if len(runs) == 1:
+            await client.lpush(*runs[0])
             return
         async with client.pipeline(transaction=False) as pipe:
-            for message in messages:
-                pipe.lpush(message.key, message.payload)
+            for run in runs:
+                pipe.lpush(*run)
             await pipe.execute()
 
     def _aclient(self) -> aioredis.Redis:

@@ -23,7 +23,7 @@ from tests.conftest import ROOT, RedisServer, Worker, start_worker
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 DB = 2  # this module's own Redis database
-EXTRAS_ONLY = ("docker", "playwright", "chdb", "clickhouse_connect", "httpx", "orjson", "yaml")
+EXTRAS_ONLY = ("docker", "playwright", "chdb", "clickhouse_connect", "httpx", "yaml")
 
 
 @pytest.fixture(scope="module")
