@@ -42,7 +42,8 @@ from producer.validation import parse_action
 READY_STATES = states.READY_STATES
 _POLL_S = 5.0  # how often a long wait double-checks the stored result
 _FIRST_POLL_S = 0.5
-_PUBLISH_SLICE = 512  # messages per round trip (a bounded command for Redis to parse)
+_PUBLISH_SLICE = 512  # messages per round trip at most
+_PUBLISH_BYTES = 32 * 1024 * 1024  # and message bytes
 
 
 class _Parked(Exception):
@@ -322,10 +323,18 @@ class ActionClient:
         messages = [a.model_dump(mode="json", by_alias=True) for a in actions]
         if self.key is not None:
             messages = self.key.sign_many(messages)
-        pairs = list(zip(actions, messages, strict=True))
-        # One round trip per slice: Redis holds a whole command in memory while parsing it.
-        for start in range(0, len(pairs), _PUBLISH_SLICE):
-            self._publish([self._outgoing(a, m) for a, m in pairs[start : start + _PUBLISH_SLICE]])
+        # One round trip per slice of at most _PUBLISH_SLICE messages or _PUBLISH_BYTES:
+        # the slice is held in this process's memory until Redis has taken it.
+        pending: list[Outgoing] = []
+        size = 0
+        for action, message in zip(actions, messages, strict=True):
+            pending.append(self._outgoing(action, message))
+            size += len(pending[-1].payload)
+            if len(pending) >= _PUBLISH_SLICE or size >= _PUBLISH_BYTES:
+                self._publish(pending)
+                pending, size = [], 0
+        if pending:
+            self._publish(pending)
         return [self.handle_for(a) for a in actions]
 
     def stored_results(self, handles: Sequence[ActionHandle]) -> list[dict[str, Any] | None]:

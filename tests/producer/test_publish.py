@@ -20,7 +20,13 @@ import redis
 from producer.client import ActionClient
 from producer.errors import FleetUnavailable
 from producer.models import queue_for, task_name_for
-from producer.transport import kwargs_repr, redis_priority, redis_queue_keys, task_id_for
+from producer.publish import Outgoing, _runs
+from producer.transport import (
+    kwargs_repr,
+    redis_priority,
+    redis_queue_keys,
+    task_id_for,
+)
 from tests.conftest import RedisServer, start_redis, start_worker
 from workers.config import Settings
 from workers.ops.fleet import free_port
@@ -106,6 +112,47 @@ def test_send_many_pushes_every_action_in_order(server: RedisServer) -> None:
     assert [h.action_id for h in handles] == [a.action_id for a in actions]
     ids = [m["headers"]["id"] for _, m in pushed]
     assert ids == [f"acme+{a.action_id}" for a in actions]
+
+
+def test_runs_group_consecutive_messages_per_list_and_cap_their_bytes() -> None:
+    msgs = [
+        Outgoing("a", b"1" * 10),
+        Outgoing("a", b"2" * 10),
+        Outgoing("b", b"3" * 10),  # another list ends the run
+        Outgoing("a", b"4" * 10),
+        Outgoing("a", b"5" * 25),  # over the cap alone: a run of its own
+        Outgoing("a", b"6" * 5),
+        Outgoing("a", b"7" * 5),
+    ]
+    runs = _runs(msgs, max_bytes=20)
+    assert [run[0] for run in runs] == ["a", "b", "a", "a", "a"]
+    assert [[len(p) for p in run[1:]] for run in runs] == [[10, 10], [10], [10], [25], [5, 5]]
+    # Nothing lost or reordered.
+    assert [p for run in runs for p in run[1:]] == [m.payload for m in msgs]
+
+
+def test_large_actions_go_in_several_commands_and_slices_in_order(server: RedisServer) -> None:
+    """12 actions of ~3.2 MB as messages (2.4 MB of content, base64 in the envelope):
+    two fit under one LPUSH's 8 MiB cap, three do not, and the 32 MiB slice ends after
+    the 11th -- six LPUSHes (2+2+2+2+2+1), then one for the 12th; without the slice's
+    cap it would be six."""
+    url = server.url(4)
+    r = server.client(4)
+    r.flushdb()
+    r.config_resetstat()
+    client = _client(url)
+    big = "x" * 2_400_000
+    actions = [
+        client.validate(_stat() | {"payload": {"op": "write", "path": f"b{n}.txt", "content": big}})
+        for n in range(12)
+    ]
+    client.send_many(actions)
+    lpushes = r.info("commandstats")["cmdstat_lpush"]["calls"]
+    pushed = _pushed(r, queue_for("files"))
+    client.close()
+    r.flushdb()
+    assert lpushes == 7
+    assert [m["headers"]["id"] for _, m in pushed] == [f"acme+{a.action_id}" for a in actions]
 
 
 def test_a_broker_that_is_not_redis_is_refused_up_front() -> None:
