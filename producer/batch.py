@@ -192,7 +192,7 @@ class _Slot:
     reused: bool = False
 
 
-# Collecting results: the oldest in-flight actions are read in one pipelined round trip
+# Collecting results: the oldest in-flight actions are read in one round trip (an MGET)
 # (no subscription or read per action: at thousands a second the client's CPU is taken
 # from the workers on the same machine). While the oldest is not done, the runner polls
 # every POLL_S -- the window keeps the fleet busy meanwhile -- and after PATIENCE_S (or

@@ -7,8 +7,8 @@ cost. The message stays Celery's own: its headers and body come from Celery's
 ``app.amqp.create_task_message`` and its envelope is the one kombu's Redis transport writes
 (``prepare_message``, then the body base64-encoded with a fresh delivery tag), so a worker
 cannot tell it apart (``tests/producer/test_publish.py`` compares it with ``send_task``'s).
-What changes is the path: many messages go in one pipelined round trip, and an asyncio
-caller pushes without blocking its loop.
+What changes is the path: many messages go in one round trip, as one LPUSH per run of
+messages to the same list, and an asyncio caller pushes without blocking its loop.
 """
 
 from __future__ import annotations
