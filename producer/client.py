@@ -20,6 +20,7 @@ from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from redis import RedisError
+from redis.exceptions import NoPermissionError
 
 from producer.async_results import READY, ResultWaiter
 from producer.auth import ProducerKey
@@ -252,6 +253,7 @@ class ActionClient:
             self._app.backend_cls = LazyWatchRedisBackend
         # Straight to the queues' Redis lists (producer/publish.py), not Celery's send_task.
         self._publisher = RedisPublisher(self._app, url)
+        self._mget = True  # until the broker's ACL refuses it (see stored_results)
 
     # -- validation -------------------------------------------------------------------
 
@@ -342,7 +344,20 @@ class ActionClient:
         there is none yet: one MGET for all of them."""
         if not handles:
             return []
-        raws = self._app.backend.client.mget([RESULT_KEY_PREFIX + h.task_id for h in handles])
+        keys = [RESULT_KEY_PREFIX + h.task_id for h in handles]
+        client = self._app.backend.client
+        if self._mget:
+            try:
+                raws = client.mget(keys)
+            except NoPermissionError:
+                # A fleet whose producer ACL users predate MGET (`actionfleet keys acl`
+                # re-applies them): the same reads as a pipeline of GETs.
+                self._mget = False
+        if not self._mget:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(key)
+            raws = pipe.execute()
         out: list[dict[str, Any] | None] = []
         for handle, raw in zip(handles, raws, strict=True):
             # Plain JSON, as Celery's JSON serializer wrote it (and as the asyncio waiter

@@ -5,7 +5,7 @@
 - ``af-worker``: workers, the audit ingester, metrics and Flower: every command but the
   administrative and destructive ones (no ACL, CONFIG, FLUSHALL, FLUSHDB, SHUTDOWN…).
 - ``p-<key id>``, one per usable producer key: push to the action queues (``LPUSH`` on
-  ``actions.*``), read its tenant's results (``GET`` of, and ``SUBSCRIBE`` to,
+  ``actions.*``), read its tenant's results (``GET``/``MGET`` of, and ``SUBSCRIBE`` to,
   ``celery-task-meta-<tenant>+*``), nothing else: no pop from a queue, no other key, no
   other tenant's result, no admin command. Its password is derived from the key's secret
   (``producer.auth``); Redis keeps its SHA-256 only.
@@ -42,8 +42,19 @@ __all__ = [
 ADMIN_USER = "af-admin"
 WORKER_USER = "af-worker"
 # What ActionClient sends: publish (LPUSH, inside MULTI/EXEC), wait for its result
-# (SUBSCRIBE, GET), and the connection's own PING and SELECT.
-PRODUCER_COMMANDS = ("ping", "select", "lpush", "multi", "exec", "get", "subscribe", "unsubscribe")
+# (SUBSCRIBE, GET; MGET for a batch's, every key still checked against the patterns), and
+# the connection's own PING and SELECT.
+PRODUCER_COMMANDS = (
+    "ping",
+    "select",
+    "lpush",
+    "multi",
+    "exec",
+    "get",
+    "mget",
+    "subscribe",
+    "unsubscribe",
+)
 _WORKER_RULES = "~* &* +@all -@admin -@dangerous +info +client|setname +client|getname +client|id"
 
 

@@ -107,6 +107,12 @@ def test_a_producer_may_push_actions_and_read_its_own_results_only(acl_redis: Ac
     assert p.lpush("actions.acl-test", b"a message") == 1
     assert p.get("celery-task-meta-acme+1") == b"acme's result"
     assert _denied(p.get, "celery-task-meta-beta+1")
+    # A batch reads many results in one MGET: its own only, one other tenant's key denies all.
+    assert p.mget(["celery-task-meta-acme+1", "celery-task-meta-acme+2"]) == [
+        b"acme's result",
+        None,
+    ]
+    assert _denied(p.mget, ["celery-task-meta-acme+1", "celery-task-meta-beta+1"])
     assert _denied(p.brpop, ["actions.acl-test"], 1)
     assert _denied(p.rpop, "actions.acl-test")
     assert _denied(p.lrange, "actions.acl-test", 0, -1)
@@ -187,6 +193,14 @@ def test_producers_and_the_worker_do_their_jobs_under_their_own_users(
         assert result.status == "succeeded", (result, worker.tail())
         # ... and cannot read beta's real result.
         assert _denied(client._app.backend.client.get, f"celery-task-meta-{beta_handle._async.id}")
+        # A batch reads its results with MGET; under a user made before MGET was granted
+        # (an older fleet's ACL) it falls back to GETs.
+        stats = [write("acme") | {"payload": {"op": "stat", "path": "."}} for _ in range(40)]
+        assert {r.status for r in client.batch(stats, window=64)} == {"succeeded"}
+        assert client._mget is True
+        admin.execute_command("ACL", "SETUSER", f"p-{acme.key_id}", "-mget")
+        assert {r.status for r in client.batch(stats, window=64)} == {"succeeded"}
+        assert client._mget is False
 
         # Waiting on asyncio (ActionClient.arun) works under the producer's user too.
         async def on_asyncio() -> list[str]:
