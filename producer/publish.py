@@ -39,7 +39,6 @@ _PERSISTENT = 2  # kombu's delivery_mode for messages that survive a broker rest
 _RETRIES = 3
 _CONNECT_TIMEOUT_S = 5.0
 _SOCKET_TIMEOUT_S = 10.0
-RUN_BYTES = 8 * 1024 * 1024  # payload bytes per LPUSH command at most
 
 
 def redis_url(url: str) -> bool:
@@ -55,22 +54,18 @@ class Outgoing:
     payload: bytes
 
 
-def _runs(messages: Sequence[Outgoing], max_bytes: int = RUN_BYTES) -> list[list[str | bytes]]:
-    """``[key, payload, payload, ...]`` per run of consecutive messages to one list, at most
-    ``max_bytes`` of payloads each (one message alone may be more). LPUSH with many values
-    pushes them left to right, so the worker's BRPOP still takes them in the order given,
-    and Redis parses one command instead of one per message; the byte cap keeps a command
-    far below Redis's client query buffer limit (1 GB), which a chunk of large actions
-    (up to 12 MB each) would pass."""
+def _runs(messages: Sequence[Outgoing]) -> list[list[str | bytes]]:
+    """``[key, payload, payload, ...]`` per run of consecutive messages to one list. LPUSH
+    with many values pushes them left to right, so the worker's BRPOP still takes them in
+    the order given, and Redis parses one command instead of one per message. The caller
+    bounds the bytes of one call (``ActionClient.send_many``'s slices), and so of a
+    command, far below Redis's client query buffer limit (1 GB)."""
     runs: list[list[str | bytes]] = []
-    size = 0
     for message in messages:
-        if runs and runs[-1][0] == message.key and size + len(message.payload) <= max_bytes:
+        if runs and runs[-1][0] == message.key:
             runs[-1].append(message.payload)
-            size += len(message.payload)
         else:
             runs.append([message.key, message.payload])
-            size = len(message.payload)
     return runs
 
 

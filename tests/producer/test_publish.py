@@ -114,28 +114,22 @@ def test_send_many_pushes_every_action_in_order(server: RedisServer) -> None:
     assert ids == [f"acme+{a.action_id}" for a in actions]
 
 
-def test_runs_group_consecutive_messages_per_list_and_cap_their_bytes() -> None:
+def test_runs_group_consecutive_messages_per_list() -> None:
     msgs = [
-        Outgoing("a", b"1" * 10),
-        Outgoing("a", b"2" * 10),
-        Outgoing("b", b"3" * 10),  # another list ends the run
-        Outgoing("a", b"4" * 10),
-        Outgoing("a", b"5" * 25),  # over the cap alone: a run of its own
-        Outgoing("a", b"6" * 5),
-        Outgoing("a", b"7" * 5),
+        Outgoing("a", b"1"),
+        Outgoing("a", b"2"),
+        Outgoing("b", b"3"),  # another list ends the run
+        Outgoing("a", b"4"),
+        Outgoing("a", b"5"),
     ]
-    runs = _runs(msgs, max_bytes=20)
-    assert [run[0] for run in runs] == ["a", "b", "a", "a", "a"]
-    assert [[len(p) for p in run[1:]] for run in runs] == [[10, 10], [10], [10], [25], [5, 5]]
-    # Nothing lost or reordered.
-    assert [p for run in runs for p in run[1:]] == [m.payload for m in msgs]
+    runs = _runs(msgs)
+    assert runs == [["a", b"1", b"2"], ["b", b"3"], ["a", b"4", b"5"]]
 
 
 def test_large_actions_go_in_several_commands_and_slices_in_order(server: RedisServer) -> None:
-    """12 actions of ~3.2 MB as messages (2.4 MB of content, base64 in the envelope):
-    two fit under one LPUSH's 8 MiB cap, three do not, and the 32 MiB slice ends after
-    the 11th -- six LPUSHes (2+2+2+2+2+1), then one for the 12th; without the slice's
-    cap it would be six."""
+    """12 actions of ~3.2 MB as messages (2.4 MB of content, base64 in the envelope): the
+    32 MiB slice ends after the 11th -- one LPUSH of 11, then one of the 12th; without the
+    slice's byte cap it would be one LPUSH of all 12."""
     url = server.url(4)
     r = server.client(4)
     r.flushdb()
@@ -151,7 +145,7 @@ def test_large_actions_go_in_several_commands_and_slices_in_order(server: RedisS
     pushed = _pushed(r, queue_for("files"))
     client.close()
     r.flushdb()
-    assert lpushes == 7
+    assert lpushes == 2
     assert [m["headers"]["id"] for _, m in pushed] == [f"acme+{a.action_id}" for a in actions]
 
 
