@@ -26,7 +26,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -318,7 +317,7 @@ class Engine:
         }
         deadline = state.get("deadline")
         if deadline and phase == "run":
-            raw["deadline"] = datetime.fromtimestamp(float(deadline), UTC).isoformat()
+            raw["deadline"] = iso(float(deadline))
         return parse_action(raw).model_dump(mode="json", by_alias=True)
 
     def _record(self, state: WorkflowState, step: str, phase: str, result: dict) -> None:
